@@ -1,0 +1,15 @@
+"""ASGI entry point: Django's HTTP app (with static files for the demo) plus realtime."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+from django.core.asgi import get_asgi_application as django_asgi
+
+from realtime.routing import get_asgi_application
+
+# The demo serves its own static files; behind nginx, serve STATIC_ROOT there instead.
+application = get_asgi_application(ASGIStaticFilesHandler(django_asgi()))

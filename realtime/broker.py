@@ -1,0 +1,182 @@
+"""The only user of the channel layer.
+
+Each process (each running event loop) has one ``Hub``: one channel-layer channel, added to a
+room's group while at least one local session has joined that room. A broadcast therefore
+costs one layer message per process, not per connection, and the hub hands the pre-encoded
+frame to its local sessions directly: no per-connection channel, queue, task or thread hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from channels.layers import BaseChannelLayer, get_channel_layer
+
+from realtime.conf import conf
+
+logger = logging.getLogger(__name__)
+
+GROUP_PREFIX = "realtime.room."
+MESSAGE = "realtime.message"
+EPHEMERAL = "realtime.ephemeral"
+
+
+def room_group(room: str) -> str:
+    """The channel-layer group name of a room."""
+    return GROUP_PREFIX + room
+
+
+class Subscriber(Protocol):
+    """What a hub delivers to: a session (see session.py)."""
+
+    async def deliver(self, room: str, seq: int, frame: str) -> None: ...
+
+    async def deliver_ephemeral(self, room: str, frame: str, exclude_user: Any) -> None: ...
+
+
+def get_layer() -> BaseChannelLayer:
+    layer = get_channel_layer(conf.REALTIME_CHANNEL_LAYER)
+    if layer is None:
+        raise RuntimeError(
+            f"CHANNEL_LAYERS has no {conf.REALTIME_CHANNEL_LAYER!r} layer (see realtime.E002)"
+        )
+    return layer
+
+
+class Hub:
+    """One process's (event loop's) subscription to room groups."""
+
+    def __init__(self, layer: BaseChannelLayer) -> None:
+        self.layer = layer
+        self.rooms: dict[str, set[Subscriber]] = {}
+        self.subscribed: set[str] = set()
+        self.channel: str | None = None
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {
+            MESSAGE: self._on_message,
+            EPHEMERAL: self._on_ephemeral,
+        }
+
+    async def _start(self) -> str:
+        if self.channel is None:
+            self.channel = await self.layer.new_channel()
+            self._tasks = [
+                asyncio.create_task(self._receive_loop()),
+                asyncio.create_task(self._refresh_loop()),
+            ]
+        return self.channel
+
+    async def subscribe(self, room: str, subscriber: Subscriber) -> None:
+        """Deliver the room's broadcasts to ``subscriber``; returns once the group is joined."""
+        self.rooms.setdefault(room, set()).add(subscriber)
+        if room in self.subscribed:
+            return
+        async with self._lock:
+            if room in self.subscribed or subscriber not in self.rooms.get(room, ()):
+                return
+            channel = await self._start()
+            await self.layer.group_add(room_group(room), channel)
+            self.subscribed.add(room)
+
+    async def unsubscribe(self, room: str, subscriber: Subscriber) -> None:
+        """Stop delivering to ``subscriber``; leaves the group when nobody local is left."""
+        subscribers = self.rooms.get(room)
+        if subscribers is None:
+            return
+        subscribers.discard(subscriber)
+        if subscribers:
+            return
+        del self.rooms[room]
+        async with self._lock:
+            if room in self.rooms or room not in self.subscribed or self.channel is None:
+                return
+            self.subscribed.discard(room)
+            try:
+                await self.layer.group_discard(room_group(room), self.channel)
+            except Exception:
+                # Group membership expires on its own; failing to leave early is harmless.
+                logger.warning("realtime: could not leave group of room %s", room, exc_info=True)
+
+    async def _receive_loop(self) -> None:
+        assert self.channel is not None
+        backoff = 0.1
+        while True:
+            try:
+                message = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("realtime: channel layer receive failed; retrying", exc_info=True)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            handler = self._handlers.get(message.get("type", ""))
+            if handler is None:
+                logger.warning("realtime: ignoring layer message of type %r", message.get("type"))
+                continue
+            await handler(message)
+
+    async def _refresh_loop(self) -> None:
+        # Layers expire group membership (channels-redis: group_expiry); refresh well before.
+        while True:
+            await asyncio.sleep(conf.REALTIME_GROUP_REFRESH)
+            for room in list(self.subscribed):
+                try:
+                    await self.layer.group_add(room_group(room), self.channel or "")
+                except Exception:
+                    logger.warning("realtime: group refresh failed for %s", room, exc_info=True)
+
+    async def _on_message(self, message: dict[str, Any]) -> None:
+        room, seq, frame = message["room"], message["seq"], message["frame"]
+        for subscriber in list(self.rooms.get(room, ())):
+            try:
+                await subscriber.deliver(room, seq, frame)
+            except Exception:
+                logger.exception("realtime: delivery to a session failed")
+
+    async def _on_ephemeral(self, message: dict[str, Any]) -> None:
+        room, frame, exclude = message["room"], message["frame"], message.get("exclude_user")
+        for subscriber in list(self.rooms.get(room, ())):
+            try:
+                await subscriber.deliver_ephemeral(room, frame, exclude)
+            except Exception:
+                logger.exception("realtime: delivery to a session failed")
+
+    async def close(self) -> None:
+        """Cancel the hub's tasks (tests and shutdown)."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+
+
+def get_hub() -> Hub:
+    """The hub of the running event loop, created on first use."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is None or hub.layer is not get_layer():
+        hub = _hubs[loop] = Hub(get_layer())
+    return hub
+
+
+async def publish_message(room: str, seq: int, frame: str) -> None:
+    """Broadcast a persisted message's pre-encoded frame to every process."""
+    await get_layer().group_send(
+        room_group(room), {"type": MESSAGE, "room": room, "seq": seq, "frame": frame}
+    )
+
+
+async def publish_ephemeral(room: str, frame: str, exclude_user: Any = None) -> None:
+    """Broadcast a frame that is not part of the timeline (typing)."""
+    await get_layer().group_send(
+        room_group(room),
+        {"type": EPHEMERAL, "room": room, "frame": frame, "exclude_user": exclude_user},
+    )

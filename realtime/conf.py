@@ -1,0 +1,80 @@
+"""Settings for realtime: every ``REALTIME_*`` name, its default and a one-line description.
+
+Values are read from ``django.conf.settings`` on every access, so ``override_settings`` works.
+docs/settings.md is tested against ``SETTINGS`` so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings as django_settings
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    doc: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "REALTIME_MAX_PAYLOAD_BYTES",
+        64 * 1024,
+        "Largest message payload in UTF-8 JSON bytes; larger frames are refused unparsed.",
+    ),
+    Setting(
+        "REALTIME_RECOVERY_LIMIT",
+        1000,
+        "Most messages replayed on a join with after_seq; a larger gap answers recovered=false.",
+    ),
+    Setting(
+        "REALTIME_ALLOW_ANONYMOUS_READ",
+        False,
+        "Let anonymous connections join (read) public and announce rooms.",
+    ),
+    Setting(
+        "REALTIME_HEARTBEAT",
+        25,
+        "Seconds between client pings, announced in the hello frame.",
+    ),
+    Setting(
+        "REALTIME_CHANNEL_LAYER",
+        "default",
+        "Alias in CHANNEL_LAYERS that carries broadcasts between processes.",
+    ),
+    Setting(
+        "REALTIME_GROUP_REFRESH",
+        600,
+        "Seconds between re-joins of each process to its rooms' groups (beats group expiry).",
+    ),
+    Setting(
+        "REALTIME_GAP_FILL_BATCH",
+        500,
+        "Messages read from the database per query when a session fills a sequence gap.",
+    ),
+)
+
+_DEFAULTS = {s.name: s.default for s in SETTINGS}
+
+
+class _Conf:
+    """Attribute access to REALTIME_* settings with their defaults."""
+
+    REALTIME_MAX_PAYLOAD_BYTES: int
+    REALTIME_RECOVERY_LIMIT: int
+    REALTIME_ALLOW_ANONYMOUS_READ: bool
+    REALTIME_HEARTBEAT: int
+    REALTIME_CHANNEL_LAYER: str
+    REALTIME_GROUP_REFRESH: float
+    REALTIME_GAP_FILL_BATCH: int
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in _DEFAULTS:
+            raise AttributeError(name)
+        return getattr(django_settings, name, _DEFAULTS[name])
+
+
+conf = _Conf()

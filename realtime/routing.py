@@ -1,0 +1,34 @@
+"""WebSocket routes and the ASGI application helper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.auth import AuthMiddlewareStack
+from channels.routing import ProtocolTypeRouter, URLRouter
+from channels.security.websocket import AllowedHostsOriginValidator
+from django.urls import path
+
+from realtime.consumers import RealtimeConsumer
+
+websocket_urlpatterns = [
+    path("ws/", RealtimeConsumer.as_asgi()),
+]
+
+
+def websocket_application() -> Any:
+    """The WebSocket routes behind session auth and an Origin check against ALLOWED_HOSTS."""
+    return AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+
+
+def get_asgi_application(http_application: Any = None) -> ProtocolTypeRouter:
+    """Wrap a project's HTTP ASGI app and add realtime's WebSocket routes.
+
+    Call it in asgi.py after ``django.setup()`` (``django.core.asgi.get_asgi_application()``
+    does that), passing the project's existing HTTP application.
+    """
+    if http_application is None:
+        from django.core.asgi import get_asgi_application as django_asgi
+
+        http_application = django_asgi()
+    return ProtocolTypeRouter({"http": http_application, "websocket": websocket_application()})

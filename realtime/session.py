@@ -1,0 +1,280 @@
+"""One client's protocol state machine, shared by every transport.
+
+A transport feeds client text frames to ``receive_text`` and gives the session an ``emit``
+coroutine that writes one encoded server frame. The hub (broker.py) calls ``deliver`` with
+broadcast frames; the session keeps, per joined room, the last seq it emitted and never emits
+out of order: a broadcast ahead of ``last_seq + 1`` is held while the gap is filled from the
+database (the channel layer may drop or reorder; the database is the source of truth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from channels.db import database_sync_to_async
+
+from realtime import broker, services
+from realtime.conf import conf
+from realtime.errors import AlreadyJoined, NotJoined, RealtimeError, Unauthorized, Unavailable
+from realtime.protocol import (
+    PROTOCOL_VERSION,
+    ClientType,
+    ErrorCode,
+    Frame,
+    FrameError,
+    ServerType,
+    encode,
+    error_frame,
+    parse,
+    with_ref,
+)
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[str], Awaitable[None]]
+
+
+class RoomMode(Enum):
+    JOINING = "joining"  # ack and replay not yet emitted; broadcasts are held
+    FILLING = "filling"  # a gap is being read from the database; broadcasts are held
+    LIVE = "live"
+
+
+@dataclass
+class RoomState:
+    slug: str
+    last_seq: int = 0
+    mode: RoomMode = RoomMode.JOINING
+    pending: dict[int, str] = field(default_factory=dict)
+
+
+class Session:
+    """The protocol state of one connection (or one SSE / long-poll client)."""
+
+    def __init__(self, user: Any, emit: Emit) -> None:
+        self.user = user
+        self.emit = emit
+        self.rooms: dict[str, RoomState] = {}
+        self.hub = broker.get_hub()
+        self._fills: set[asyncio.Task[None]] = set()
+        self._handlers: dict[ClientType, Callable[[Frame], Awaitable[None]]] = {
+            ClientType.JOIN: self.on_join,
+            ClientType.LEAVE: self.on_leave,
+            ClientType.SEND: self.on_send,
+            ClientType.TYPING: self.on_typing,
+            ClientType.HISTORY: self.on_history,
+            ClientType.PING: self.on_ping,
+        }
+
+    @property
+    def authenticated(self) -> bool:
+        return self.user is not None and bool(self.user.is_authenticated)
+
+    async def start(self) -> None:
+        """Emit ``hello``."""
+        await self.emit(
+            encode(
+                {
+                    "type": ServerType.HELLO,
+                    "protocol": PROTOCOL_VERSION,
+                    "user": services.user_info(self.user),
+                    "heartbeat": conf.REALTIME_HEARTBEAT,
+                }
+            )
+        )
+
+    async def receive_text(self, text: str) -> None:
+        """Handle one client frame; every fault becomes an ``error`` frame."""
+        ref: str | None = None
+        try:
+            frame = parse(text, conf.REALTIME_MAX_PAYLOAD_BYTES)
+            ref = frame.ref
+            await self._handlers[frame.type](frame)
+        except FrameError as exc:
+            await self.emit(error_frame(exc.code, exc.message, exc.ref))
+        except RealtimeError as exc:
+            await self.emit(error_frame(exc.code, exc.message, ref, exc.retry_after))
+        except Exception:
+            logger.exception("realtime: unexpected error handling a frame")
+            await self.emit(error_frame(ErrorCode.INTERNAL, "internal error", ref))
+
+    async def receive_binary(self) -> None:
+        """Binary frames are not part of protocol v1."""
+        await self.emit(error_frame(ErrorCode.BAD_FRAME, "binary frames are not supported"))
+
+    async def close(self) -> None:
+        """Leave every room and stop background work; call when the transport closes."""
+        for task in list(self._fills):
+            task.cancel()
+        for slug in list(self.rooms):
+            del self.rooms[slug]
+            await self.hub.unsubscribe(slug, self)
+
+    # -- client frames -------------------------------------------------------------------
+
+    async def on_join(self, frame: Frame) -> None:
+        assert frame.room is not None
+        slug = frame.room
+        if slug in self.rooms:
+            raise AlreadyJoined(f"already joined {slug!r}")
+        state = self.rooms[slug] = RoomState(slug)
+        try:
+            # Subscribe before reading the head, so no broadcast after the head is missed.
+            await self.hub.subscribe(slug, self)
+            result = await database_sync_to_async(services.join)(
+                slug, self.user, frame.after_seq, frame.epoch
+            )
+        except BaseException as exc:
+            if self.rooms.get(slug) is state:
+                del self.rooms[slug]
+            await self.hub.unsubscribe(slug, self)
+            if isinstance(exc, Exception) and not isinstance(exc, RealtimeError):
+                logger.warning("realtime: join of %s failed", slug, exc_info=True)
+                raise Unavailable() from exc
+            raise
+        ack = {
+            "type": ServerType.ACK,
+            "room": slug,
+            "seq": result.head,
+            "epoch": result.epoch,
+            "recovered": result.recovered,
+        }
+        await self.emit(encode(with_ref(ack, frame.ref)))
+        await self.emit(encode({"type": ServerType.PRESENCE_STATE, "room": slug, "users": []}))
+        for message in result.messages:
+            await self.emit(services.message_frame(message))
+        state.last_seq = result.head
+        await self._drain(state)
+
+    async def on_leave(self, frame: Frame) -> None:
+        assert frame.room is not None
+        if self.rooms.pop(frame.room, None) is None:
+            raise NotJoined(f"not joined to {frame.room!r}")
+        await self.hub.unsubscribe(frame.room, self)
+        await self.emit(encode(with_ref({"type": ServerType.ACK, "room": frame.room}, frame.ref)))
+
+    async def on_send(self, frame: Frame) -> None:
+        assert frame.room is not None and frame.payload is not None
+        if frame.room not in self.rooms:
+            raise NotJoined(f"join {frame.room!r} before sending")
+        if not self.authenticated:
+            raise Unauthorized()
+        result = await self._db(
+            services.append_message, frame.room, self.user, frame.payload, frame.client_msg_id
+        )
+        message = result.message
+        ack = {
+            "type": ServerType.ACK,
+            "room": frame.room,
+            "seq": message["seq"],
+            "id": message["id"],
+        }
+        await self.emit(encode(with_ref(ack, frame.ref)))
+        if result.created:
+            try:
+                await broker.publish_message(
+                    frame.room, message["seq"], services.message_frame(message)
+                )
+            except Exception:
+                # Persisted and acked: every session fills the gap from the database.
+                logger.warning("realtime: broadcast of %s#%s failed", frame.room, message["seq"])
+
+    async def on_typing(self, frame: Frame) -> None:
+        assert frame.room is not None
+        if frame.room not in self.rooms:
+            raise NotJoined(f"join {frame.room!r} before typing")
+        if not self.authenticated:
+            raise Unauthorized()
+        sender = services.user_info(self.user)
+        typing = encode({"type": ServerType.TYPING, "room": frame.room, "sender": sender})
+        await broker.publish_ephemeral(frame.room, typing, exclude_user=self.user.pk)
+
+    async def on_history(self, frame: Frame) -> None:
+        assert frame.room is not None
+        messages = await self._db(
+            services.history, frame.room, self.user, frame.before_seq, frame.limit
+        )
+        ack = {"type": ServerType.ACK, "room": frame.room, "messages": messages}
+        await self.emit(encode(with_ref(ack, frame.ref)))
+
+    async def on_ping(self, frame: Frame) -> None:
+        await self.emit(encode(with_ref({"type": ServerType.PONG}, frame.ref)))
+
+    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await database_sync_to_async(fn)(*args)
+        except RealtimeError:
+            raise
+        except Exception as exc:
+            logger.warning("realtime: database call %s failed", fn.__name__, exc_info=True)
+            raise Unavailable() from exc
+
+    # -- broadcasts from the hub ---------------------------------------------------------
+
+    async def deliver(self, room: str, seq: int, frame: str) -> None:
+        """Take one broadcast message frame; emits it only in seq order."""
+        state = self.rooms.get(room)
+        if state is None or seq <= state.last_seq:
+            return
+        if state.mode is RoomMode.LIVE and seq == state.last_seq + 1:
+            state.last_seq = seq
+            await self.emit(frame)
+            return
+        state.pending[seq] = frame
+        if state.mode is RoomMode.LIVE:
+            # Ahead of last_seq + 1: the layer dropped or reordered something.
+            self._start_fill(state)
+
+    async def deliver_ephemeral(self, room: str, frame: str, exclude_user: Any) -> None:
+        """Take one broadcast frame outside the timeline (typing)."""
+        state = self.rooms.get(room)
+        if state is None or state.mode is RoomMode.JOINING:
+            return
+        if exclude_user is not None and self.authenticated and self.user.pk == exclude_user:
+            return
+        await self.emit(frame)
+
+    def _start_fill(self, state: RoomState) -> None:
+        state.mode = RoomMode.FILLING
+        task = asyncio.create_task(self._fill(state))
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def _fill(self, state: RoomState) -> None:
+        try:
+            await self._drain(state)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("realtime: gap fill for %s failed", state.slug)
+
+    async def _drain(self, state: RoomState) -> None:
+        """Emit held broadcasts in order, reading any gap from the database; then go live."""
+        state.mode = RoomMode.FILLING
+        while self.rooms.get(state.slug) is state:
+            for seq in sorted(state.pending):
+                if seq <= state.last_seq:
+                    del state.pending[seq]
+                elif seq == state.last_seq + 1:
+                    frame = state.pending.pop(seq)
+                    state.last_seq = seq
+                    await self.emit(frame)
+                else:
+                    break
+            if not state.pending:
+                state.mode = RoomMode.LIVE
+                return
+            upto = min(state.pending) - 1
+            upto = min(upto, state.last_seq + conf.REALTIME_GAP_FILL_BATCH)
+            missed = await self._db(services.messages_between, state.slug, state.last_seq, upto)
+            for message in missed:
+                if message["seq"] > state.last_seq:
+                    state.last_seq = message["seq"]
+                    await self.emit(services.message_frame(message))
+            # Seqs absent from the database were deleted: nothing to wait for.
+            state.last_seq = max(state.last_seq, upto)

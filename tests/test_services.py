@@ -1,0 +1,225 @@
+import threading
+
+import pytest
+from django.contrib.auth.models import AnonymousUser
+from django.db import connection
+
+from realtime import services
+from realtime.errors import Forbidden, RoomNotFound, Unauthorized
+from realtime.models import Membership, Message, Room
+
+pytestmark = pytest.mark.django_db
+
+
+def send(room, user, text="hi", client_msg_id=None):
+    return services.append_message(room, user, {"text": text}, client_msg_id)
+
+
+def test_seqs_start_at_one_and_follow_head(rooms, users):
+    seqs = [send("lobby", users["alice"]).message["seq"] for _ in range(3)]
+    assert seqs == [1, 2, 3]
+    assert Room.objects.get(slug="lobby").head_seq == 3
+
+
+def test_seqs_are_per_room(rooms, users):
+    send("lobby", users["alice"])
+    assert send("team", users["alice"]).message["seq"] == 1
+
+
+def test_message_dict_shape(rooms, users):
+    message = send("lobby", users["alice"], "hello").message
+    assert message["room"] == "lobby"
+    assert message["sender"] == {"id": users["alice"].pk, "name": "alice"}
+    assert message["payload"] == {"text": "hello"}
+    assert message["sent_at"].endswith("Z")
+    assert Message.objects.get(pk=message["id"]).seq == message["seq"]
+
+
+def test_retry_with_client_msg_id_returns_original(rooms, users):
+    first = send("lobby", users["alice"], "once", client_msg_id="m-1")
+    again = send("lobby", users["alice"], "once", client_msg_id="m-1")
+    assert first.created and not again.created
+    assert again.message["seq"] == first.message["seq"]
+    assert again.message["id"] == first.message["id"]
+    assert Message.objects.count() == 1
+    # The duplicate gave its seq back: the next message is contiguous.
+    assert send("lobby", users["alice"]).message["seq"] == 2
+
+
+def test_same_client_msg_id_from_another_user_is_a_new_message(rooms, users):
+    send("lobby", users["alice"], client_msg_id="m-1")
+    assert send("lobby", users["bob"], client_msg_id="m-1").created
+
+
+def test_refused_send_allocates_no_seq(rooms, users):
+    with pytest.raises(Forbidden):
+        send("team", users["carol"])
+    assert Room.objects.get(slug="team").head_seq == 0
+    assert send("team", users["alice"]).message["seq"] == 1
+
+
+def test_unknown_room(rooms, users):
+    with pytest.raises(RoomNotFound):
+        send("nope", users["alice"])
+
+
+def test_server_publish_has_no_sender(rooms):
+    result = services.append_message("news", None, {"text": "hear ye"})
+    assert result.message["sender"] is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_allocation_from_threads_never_duplicates_or_skips(rooms, users):
+    per_thread, threads = 25, 4
+    seqs: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+
+    def worker():
+        try:
+            start.wait(timeout=10)
+            for _ in range(per_thread):
+                seq = send("lobby", users["alice"]).message["seq"]
+                with lock:
+                    seqs.append(seq)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=60)
+    assert not errors
+    assert sorted(seqs) == list(range(1, per_thread * threads + 1))
+    stored = list(Message.objects.filter(room__slug="lobby").values_list("seq", flat=True))
+    assert sorted(stored) == sorted(seqs)
+
+
+# -- authorisation --------------------------------------------------------------------------
+
+CASES = [
+    # room, user, can read, can send
+    ("lobby", "carol", True, True),
+    ("lobby", "anon", False, False),
+    ("team", "alice", True, True),
+    ("team", "carol", False, False),
+    ("team", "root", True, True),
+    ("news", "carol", True, False),
+    ("news", "staff", True, True),
+    ("news", "anon", False, False),
+]
+
+
+def user_for(users, name):
+    return AnonymousUser() if name == "anon" else users[name]
+
+
+@pytest.mark.parametrize(("room", "who", "read", "write"), CASES)
+def test_authorisation_matrix(rooms, users, room, who, read, write):
+    user = user_for(users, who)
+    assert services.can_read(rooms[room], user) is read
+    if write:
+        services.authorize(rooms[room], user, send=True)
+    else:
+        with pytest.raises((Forbidden, Unauthorized)):
+            services.authorize(rooms[room], user, send=True)
+
+
+def test_anonymous_gets_unauthorized_not_forbidden(rooms):
+    with pytest.raises(Unauthorized):
+        services.authorize(rooms["lobby"], AnonymousUser(), send=False)
+
+
+def test_anonymous_read_setting_opens_public_and_announce_only(rooms, settings):
+    settings.REALTIME_ALLOW_ANONYMOUS_READ = True
+    anon = AnonymousUser()
+    assert services.can_read(rooms["lobby"], anon)
+    assert services.can_read(rooms["news"], anon)
+    assert not services.can_read(rooms["team"], anon)
+    with pytest.raises(Unauthorized):
+        services.authorize(rooms["lobby"], anon, send=True)
+
+
+def test_moderator_posts_in_announce_room(rooms, users):
+    Membership.objects.create(room=rooms["news"], user=users["carol"], role="moderator")
+    services.authorize(rooms["news"], users["carol"], send=True)
+
+
+def test_banned_member_is_refused_even_in_public_room(rooms, users):
+    Membership.objects.create(room=rooms["lobby"], user=users["carol"], banned=True)
+    with pytest.raises(Forbidden, match="banned"):
+        services.authorize(rooms["lobby"], users["carol"], send=False)
+
+
+def test_archived_room_refuses_everyone(rooms, users):
+    rooms["lobby"].archived = True
+    rooms["lobby"].save()
+    assert rooms["lobby"].archived_at is not None
+    with pytest.raises(Forbidden, match="archived"):
+        services.join("lobby", users["alice"], None, None)
+    with pytest.raises(Forbidden):
+        send("lobby", users["alice"])
+
+
+# -- join recovery and history -------------------------------------------------------------
+
+
+def fill(room, user, n):
+    for i in range(n):
+        send(room, user, f"m{i + 1}")
+
+
+def test_join_without_after_seq_replays_nothing(rooms, users):
+    fill("lobby", users["alice"], 3)
+    result = services.join("lobby", users["bob"], None, None)
+    assert (result.head, result.recovered, result.messages) == (3, False, [])
+
+
+def test_join_with_after_seq_replays_the_gap(rooms, users):
+    fill("lobby", users["alice"], 5)
+    result = services.join("lobby", users["bob"], 2, 1)
+    assert result.recovered
+    assert [m["seq"] for m in result.messages] == [3, 4, 5]
+
+
+def test_join_beyond_recovery_limit_is_not_recovered(rooms, users, settings):
+    settings.REALTIME_RECOVERY_LIMIT = 2
+    fill("lobby", users["alice"], 5)
+    result = services.join("lobby", users["bob"], 2, None)
+    assert (result.recovered, result.messages) == (False, [])
+
+
+def test_join_with_other_epoch_is_not_recovered(rooms, users):
+    fill("lobby", users["alice"], 2)
+    assert not services.join("lobby", users["bob"], 1, 99).recovered
+
+
+def test_join_ahead_of_head_is_not_recovered(rooms, users):
+    fill("lobby", users["alice"], 2)
+    assert not services.join("lobby", users["bob"], 10, None).recovered
+
+
+def test_history_pages_backwards_ascending(rooms, users):
+    fill("lobby", users["alice"], 10)
+    newest = services.history("lobby", users["bob"], None, 4)
+    assert [m["seq"] for m in newest] == [7, 8, 9, 10]
+    older = services.history("lobby", users["bob"], 7, 4)
+    assert [m["seq"] for m in older] == [3, 4, 5, 6]
+
+
+def test_history_requires_read_access(rooms, users):
+    with pytest.raises(Forbidden):
+        services.history("team", users["carol"], None, 10)
+
+
+def test_retracted_message_is_a_tombstone(rooms, users):
+    fill("lobby", users["alice"], 2)
+    Message.objects.filter(seq=1).update(retracted=True)
+    first = services.history("lobby", users["bob"], None, 10)[0]
+    assert first["seq"] == 1
+    assert first["retracted"] is True
+    assert first["payload"] is None
