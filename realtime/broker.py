@@ -114,6 +114,9 @@ class Hub:
                 logger.warning("realtime: channel layer receive failed; retrying", exc_info=True)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+                # A restarted layer (Redis) may have lost every group: nothing would ever
+                # arrive again unless the hub joins its rooms' groups anew.
+                await self._resubscribe()
                 continue
             backoff = 0.1
             handler = self._handlers.get(message.get("type", ""))
@@ -126,11 +129,15 @@ class Hub:
         # Layers expire group membership (channels-redis: group_expiry); refresh well before.
         while True:
             await asyncio.sleep(conf.REALTIME_GROUP_REFRESH)
-            for room in list(self.subscribed):
-                try:
-                    await self.layer.group_add(room_group(room), self.channel or "")
-                except Exception:
-                    logger.warning("realtime: group refresh failed for %s", room, exc_info=True)
+            await self._resubscribe()
+
+    async def _resubscribe(self) -> None:
+        for room in list(self.subscribed):
+            try:
+                await self.layer.group_add(room_group(room), self.channel or "")
+            except Exception:
+                logger.warning("realtime: could not rejoin the group of %s", room, exc_info=True)
+                return
 
     async def _on_message(self, message: dict[str, Any]) -> None:
         room, seq, frame = message["room"], message["seq"], message["frame"]
@@ -150,6 +157,10 @@ class Hub:
 
     async def close(self) -> None:
         """Cancel the hub's tasks (tests and shutdown)."""
+        self.stop()
+
+    def stop(self) -> None:
+        """Cancel the hub's tasks without waiting."""
         for task in self._tasks:
             task.cancel()
         self._tasks = []
@@ -162,8 +173,11 @@ def get_hub() -> Hub:
     """The hub of the running event loop, created on first use."""
     loop = asyncio.get_running_loop()
     hub = _hubs.get(loop)
-    if hub is None or hub.layer is not get_layer():
-        hub = _hubs[loop] = Hub(get_layer())
+    layer = get_layer()
+    if hub is None or hub.layer is not layer:
+        if hub is not None:  # CHANNEL_LAYERS changed (tests): retire the old hub
+            hub.stop()
+        hub = _hubs[loop] = Hub(layer)
     return hub
 
 

@@ -386,7 +386,7 @@ async def test_session_cookie_authenticates_the_socket(users):
 
 async def test_foreign_origin_is_rejected_even_with_a_valid_cookie(users):
     cookie = await session_cookie(users["alice"])
-    comm, (connected, _) = await full_stack(
+    _, (connected, _) = await full_stack(
         [(b"cookie", cookie), (b"origin", b"http://evil.example"), (b"host", b"127.0.0.1")]
     )
     assert not connected

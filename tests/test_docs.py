@@ -65,7 +65,8 @@ def test_repo_has_no_machine_paths():
         parts = path.relative_to(ROOT).parts
         if parts[0] in {".venv", ".git", ".pytest_cache", ".mypy_cache", ".ruff_cache"}:
             continue
-        if path.is_file() and path.suffix in {".py", ".md", ".html", ".js", ".toml", ".txt"}:
-            if "/" + "work/" in path.read_text(encoding="utf-8", errors="replace"):
-                offenders.append(str(path.relative_to(ROOT)))
+        if path.suffix not in {".py", ".md", ".html", ".js", ".toml", ".txt"}:
+            continue
+        if path.is_file() and "/" + "work/" in path.read_text(encoding="utf-8", errors="replace"):
+            offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []

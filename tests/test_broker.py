@@ -1,0 +1,103 @@
+import asyncio
+
+from channels.layers import InMemoryChannelLayer
+
+from realtime import broker
+
+
+class Recorder:
+    def __init__(self):
+        self.got = []
+        self.arrived = asyncio.Event()
+
+    async def deliver(self, room, seq, frame):
+        self.got.append((room, seq, frame))
+        self.arrived.set()
+
+    async def deliver_ephemeral(self, room, frame, exclude_user):
+        self.got.append((room, None, frame))
+        self.arrived.set()
+
+
+class RestartingLayer(InMemoryChannelLayer):
+    """The in-memory layer, with a switch that makes a pending receive fail once."""
+
+    def __init__(self):
+        super().__init__()
+        self.crash = asyncio.Event()
+
+    async def receive(self, channel):
+        real = asyncio.ensure_future(super().receive(channel))
+        crash = asyncio.ensure_future(self.crash.wait())
+        done, _ = await asyncio.wait({real, crash}, return_when=asyncio.FIRST_COMPLETED)
+        if real in done:
+            crash.cancel()
+            return real.result()
+        real.cancel()
+        self.crash.clear()
+        raise ConnectionError("layer restarted")
+
+
+async def send(layer, room, seq):
+    await layer.group_send(
+        broker.room_group(room),
+        {"type": broker.MESSAGE, "room": room, "seq": seq, "frame": f"f{seq}"},
+    )
+
+
+async def wait_for(recorder, count):
+    async with asyncio.timeout(5):
+        while len(recorder.got) < count:
+            recorder.arrived.clear()
+            await recorder.arrived.wait()
+
+
+async def test_one_group_membership_per_room_per_process():
+    layer = RestartingLayer()
+    hub = broker.Hub(layer)
+    a, b = Recorder(), Recorder()
+    await hub.subscribe("lobby", a)
+    await hub.subscribe("lobby", b)
+    assert list(layer.groups[broker.room_group("lobby")]) == [hub.channel]
+    await send(layer, "lobby", 1)
+    await wait_for(a, 1)
+    await wait_for(b, 1)
+    await hub.unsubscribe("lobby", a)
+    assert broker.room_group("lobby") in layer.groups
+    await hub.unsubscribe("lobby", b)
+    assert not layer.groups.get(broker.room_group("lobby"))
+    await hub.close()
+
+
+async def test_hub_rejoins_groups_after_the_layer_restarts_empty():
+    layer = RestartingLayer()
+    hub = broker.Hub(layer)
+    sub = Recorder()
+    await hub.subscribe("lobby", sub)
+    await send(layer, "lobby", 1)
+    await wait_for(sub, 1)
+    await layer.flush()  # the restarted layer has no groups any more
+    layer.crash.set()
+    # Publish until the hub is back in the group (bounded), as a live room would.
+    async with asyncio.timeout(5):
+        seq = 2
+        while len(sub.got) < 2:
+            await send(layer, "lobby", seq)
+            seq += 1
+            await asyncio.sleep(0.05)
+    assert sub.got[1][0] == "lobby"
+    await hub.close()
+
+
+async def test_messages_for_other_rooms_are_not_delivered():
+    layer = RestartingLayer()
+    hub = broker.Hub(layer)
+    lobby, team = Recorder(), Recorder()
+    await hub.subscribe("lobby", lobby)
+    await hub.subscribe("team", team)
+    await send(layer, "team", 1)
+    await send(layer, "lobby", 1)
+    await wait_for(lobby, 1)
+    assert [g[0] for g in team.got] == ["team"]
+    assert [g[0] for g in lobby.got] == ["lobby"]
+    await hub.close()
