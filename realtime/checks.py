@@ -70,7 +70,8 @@ def check_channel_layer(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
                 id="realtime.W001",
             )
         )
-    if "channels_redis" in backend:
+    # Only the core layer blocks in BRPOP; the pub/sub layer has no such trap.
+    if backend.startswith("channels_redis.core"):
         for host in config.get("CONFIG", {}).get("hosts", []) or []:
             timeout = host.get("socket_timeout") if isinstance(host, dict) else None
             if timeout is None or timeout <= BRPOP_TIMEOUT:

@@ -27,7 +27,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 
     async def connect(self) -> None:
         await self.accept()
-        self.session = Session(self.scope.get("user"), self._emit)
+        self.session = Session(self.scope.get("user"), self._emit, self._close)
         await self.session.start()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -43,3 +43,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 
     async def _emit(self, text: str) -> None:
         await self.send(text_data=text)
+
+    async def _close(self, code: int) -> None:
+        await self.close(code=code)

@@ -157,19 +157,30 @@ def _check_value(value: Any, depth: int, ref: str | None) -> None:
             _check_value(item, depth + 1, ref)
 
 
-def _check_text(text: str, ref: str | None) -> None:
+def _is_clean_text(text: str) -> bool:
+    """True when ``text`` has no NUL and encodes as UTF-8 (no lone surrogate)."""
     if "\x00" in text:
-        raise FrameError(ErrorCode.BAD_FRAME, "payload strings must not contain NUL", ref)
+        return False
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise FrameError(ErrorCode.BAD_FRAME, "payload contains a lone surrogate", ref) from None
+        return False
+    return True
+
+
+def _check_text(text: str, ref: str | None) -> None:
+    if not _is_clean_text(text):
+        raise FrameError(
+            ErrorCode.BAD_FRAME, "payload strings must be UTF-8 text without NUL characters", ref
+        )
 
 
 def parse(text: str, max_payload_bytes: int) -> Frame:
     """Parse and validate one client text frame, raising FrameError on any fault."""
     if len(text) > max_payload_bytes + ENVELOPE_ALLOWANCE:
-        raise FrameError(ErrorCode.TOO_LARGE, f"frame exceeds {max_payload_bytes} bytes")
+        raise FrameError(
+            ErrorCode.TOO_LARGE, f"frame exceeds the {max_payload_bytes}-byte payload limit"
+        )
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -178,8 +189,13 @@ def parse(text: str, max_payload_bytes: int) -> Frame:
         raise FrameError(ErrorCode.BAD_FRAME, "frame must be a JSON object")
 
     ref = obj.get("ref")
-    if ref is not None and not (isinstance(ref, str) and len(ref) <= MAX_REF_LENGTH):
-        raise FrameError(ErrorCode.BAD_FRAME, f"ref must be a string of at most {MAX_REF_LENGTH}")
+    if ref is not None and not (
+        isinstance(ref, str) and len(ref) <= MAX_REF_LENGTH and _is_clean_text(ref)
+    ):
+        # Not echoed: a ref that cannot be encoded back would break the error frame itself.
+        raise FrameError(
+            ErrorCode.BAD_FRAME, f"ref must be a string of at most {MAX_REF_LENGTH} characters"
+        )
     kind = obj.get("type")
     if kind is None:
         raise FrameError(ErrorCode.BAD_FRAME, "type is required", ref)
@@ -208,7 +224,9 @@ def parse(text: str, max_payload_bytes: int) -> Frame:
         payload = obj["payload"]
         client_msg_id = obj.get("client_msg_id")
         if client_msg_id is not None and not (
-            isinstance(client_msg_id, str) and 0 < len(client_msg_id) <= MAX_CLIENT_MSG_ID_LENGTH
+            isinstance(client_msg_id, str)
+            and 0 < len(client_msg_id) <= MAX_CLIENT_MSG_ID_LENGTH
+            and _is_clean_text(client_msg_id)
         ):
             raise FrameError(
                 ErrorCode.BAD_FRAME,

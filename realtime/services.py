@@ -92,12 +92,21 @@ def can_read(room: Room, user: Any) -> bool:
     return True
 
 
+def _may_send(room: Room, user: Any) -> bool:
+    try:
+        authorize(room, user, send=True)
+    except (Forbidden, Unauthorized):
+        return False
+    return True
+
+
 @dataclass
 class JoinResult:
     room: str
     head: int
     epoch: int
     recovered: bool
+    can_send: bool = False
     messages: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -106,7 +115,9 @@ def join(slug: str, user: Any, after_seq: int | None, epoch: int | None) -> Join
     room = get_room(slug)
     authorize(room, user, send=False)
     head = room.head_seq
-    result = JoinResult(room=slug, head=head, epoch=room.epoch, recovered=False)
+    result = JoinResult(
+        room=slug, head=head, epoch=room.epoch, recovered=False, can_send=_may_send(room, user)
+    )
     if after_seq is None:
         return result
     same_epoch = epoch is None or epoch == room.epoch

@@ -20,10 +20,18 @@ from channels.db import database_sync_to_async
 
 from realtime import broker, services
 from realtime.conf import conf
-from realtime.errors import AlreadyJoined, NotJoined, RealtimeError, Unauthorized, Unavailable
+from realtime.errors import (
+    AlreadyJoined,
+    Forbidden,
+    NotJoined,
+    RealtimeError,
+    Unauthorized,
+    Unavailable,
+)
 from realtime.protocol import (
     PROTOCOL_VERSION,
     ClientType,
+    CloseCode,
     ErrorCode,
     Frame,
     FrameError,
@@ -37,6 +45,11 @@ from realtime.protocol import (
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[str], Awaitable[None]]
+Close = Callable[[int], Awaitable[None]]
+
+# Broadcasts held for one room while its gap is filled; beyond this the session cannot keep
+# up, and closing (the client resumes with after_seq) beats growing without bound.
+MAX_PENDING = 10_000
 
 
 class RoomMode(Enum):
@@ -48,6 +61,7 @@ class RoomMode(Enum):
 @dataclass
 class RoomState:
     slug: str
+    can_send: bool = False
     last_seq: int = 0
     mode: RoomMode = RoomMode.JOINING
     pending: dict[int, str] = field(default_factory=dict)
@@ -56,9 +70,11 @@ class RoomState:
 class Session:
     """The protocol state of one connection (or one SSE / long-poll client)."""
 
-    def __init__(self, user: Any, emit: Emit) -> None:
+    def __init__(self, user: Any, emit: Emit, close: Close) -> None:
         self.user = user
         self.emit = emit
+        self._close_transport = close
+        self.closed = False
         self.rooms: dict[str, RoomState] = {}
         self.hub = broker.get_hub()
         self._fills: set[asyncio.Task[None]] = set()
@@ -109,6 +125,7 @@ class Session:
 
     async def close(self) -> None:
         """Leave every room and stop background work; call when the transport closes."""
+        self.closed = True
         for task in list(self._fills):
             task.cancel()
         for slug in list(self.rooms):
@@ -149,7 +166,8 @@ class Session:
         for message in result.messages:
             await self.emit(services.message_frame(message))
         state.last_seq = result.head
-        await self._drain(state)
+        state.can_send = result.can_send
+        await self._drain_or_abort(state)
 
     async def on_leave(self, frame: Frame) -> None:
         assert frame.room is not None
@@ -186,13 +204,19 @@ class Session:
 
     async def on_typing(self, frame: Frame) -> None:
         assert frame.room is not None
-        if frame.room not in self.rooms:
+        state = self.rooms.get(frame.room)
+        if state is None:
             raise NotJoined(f"join {frame.room!r} before typing")
         if not self.authenticated:
             raise Unauthorized()
+        if not state.can_send:
+            raise Forbidden("you may not post in this room")
         sender = services.user_info(self.user)
         typing = encode({"type": ServerType.TYPING, "room": frame.room, "sender": sender})
-        await broker.publish_ephemeral(frame.room, typing, exclude_user=self.user.pk)
+        try:
+            await broker.publish_ephemeral(frame.room, typing, exclude_user=self.user.pk)
+        except Exception as exc:
+            raise Unavailable() from exc
 
     async def on_history(self, frame: Frame) -> None:
         assert frame.room is not None
@@ -225,6 +249,9 @@ class Session:
             state.last_seq = seq
             await self.emit(frame)
             return
+        if len(state.pending) >= MAX_PENDING:
+            await self.abort(CloseCode.SLOW_CONSUMER)
+            return
         state.pending[seq] = frame
         if state.mode is RoomMode.LIVE:
             # Ahead of last_seq + 1: the layer dropped or reordered something.
@@ -246,12 +273,25 @@ class Session:
         task.add_done_callback(self._fills.discard)
 
     async def _fill(self, state: RoomState) -> None:
+        await self._drain_or_abort(state)
+
+    async def _drain_or_abort(self, state: RoomState) -> None:
         try:
             await self._drain(state)
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("realtime: gap fill for %s failed", state.slug)
+            # Without the gap the guarantee cannot hold: close, and the client resumes with
+            # after_seq (from the database) rather than see a hole.
+            logger.warning("realtime: gap fill for %s failed; closing", state.slug, exc_info=True)
+            await self.abort(CloseCode.INTERNAL)
+
+    async def abort(self, code: int) -> None:
+        """Close the transport with ``code`` (once) and leave every room."""
+        if self.closed:
+            return
+        await self.close()
+        await self._close_transport(code)
 
     async def _drain(self, state: RoomState) -> None:
         """Emit held broadcasts in order, reading any gap from the database; then go live."""

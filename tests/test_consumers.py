@@ -390,3 +390,25 @@ async def test_foreign_origin_is_rejected_even_with_a_valid_cookie(users):
         [(b"cookie", cookie), (b"origin", b"http://evil.example"), (b"host", b"127.0.0.1")]
     )
     assert not connected
+
+
+async def test_failed_gap_fill_closes_instead_of_skipping(connect, users, rooms, monkeypatch):
+    alice = await connect(users["alice"])
+    await alice.join("lobby")
+    messages = await persist(3, users["bob"])
+
+    def broken(*args):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(services, "messages_between", broken)
+    last = messages[-1]
+    await broker.publish_message("lobby", last["seq"], services.message_frame(last))
+    closed = await alice.comm.receive_output(timeout=TIMEOUT)
+    assert closed == {"type": "websocket.close", "code": 1011}
+
+
+async def test_typing_needs_send_rights(connect, users, rooms):
+    carol = await connect(users["carol"])
+    await carol.join("news")
+    error("forbidden", None)(await carol.request(type="typing", room="news"))
+    await carol.assert_usable()

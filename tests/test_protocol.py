@@ -70,6 +70,9 @@ def test_history_limit_defaults_to_50():
         ('{"type": "history", "room": "a", "limit": 0}', ErrorCode.BAD_FRAME),
         ('{"type": "history", "room": "a", "limit": 101}', ErrorCode.BAD_FRAME),
         ('{"type": "ping", "ref": 12}', ErrorCode.BAD_FRAME),
+        ('{"type": "ping", "ref": "\\ud800"}', ErrorCode.BAD_FRAME),
+        ('{"type": "ping", "ref": "a\\u0000"}', ErrorCode.BAD_FRAME),
+        ('{"type": "send", "room": "a", "payload": {}, "client_msg_id": "\\udfff"}', "bad_frame"),
     ],
 )
 def test_bad_frames_get_their_code(text, code):
