@@ -25,6 +25,7 @@ CHECK_IDS = (
     "realtime.E003",
     "realtime.W001",
     "realtime.W002",
+    "realtime.W003",
 )
 
 
@@ -116,3 +117,22 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
                 )
             )
     return errors
+
+
+@register(Tags.compatibility)
+def check_sqlite(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
+    """SQLite shared by several processes needs IMMEDIATE transactions to allocate seqs."""
+    database = settings.DATABASES.get("default", {})
+    if database.get("ENGINE") != "django.db.backends.sqlite3":
+        return []
+    if database.get("OPTIONS", {}).get("transaction_mode") == "IMMEDIATE":
+        return []
+    return [
+        Warning(
+            "SQLite without IMMEDIATE transactions: concurrent sends from several processes "
+            "can fail with 'database is locked'.",
+            hint='Set DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", '
+            '"timeout": 20}, or use PostgreSQL for several processes.',
+            id="realtime.W003",
+        )
+    ]

@@ -61,3 +61,21 @@ def test_layer_helper_output_passes(settings):
     settings.DEBUG = False
     settings.CHANNEL_LAYERS = {"default": channel_layer("redis://127.0.0.1:6379/0")}
     assert ids() == set()
+
+
+def test_w003_sqlite_without_immediate_transactions(settings):
+    settings.DATABASES = {
+        **settings.DATABASES,
+        "default": {**settings.DATABASES["default"], "OPTIONS": {}},
+    }
+    assert "realtime.W003" in ids()
+
+
+def test_w002_not_raised_for_pubsub_layer(settings):
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": ["redis://127.0.0.1:6379/0"]},
+        }
+    }
+    assert "realtime.W002" not in ids()

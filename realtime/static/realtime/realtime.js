@@ -49,10 +49,15 @@
     return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
-  function offlineError() {
-    const err = new Error("not connected");
-    err.code = "offline";
+  // Errors made by the client itself carry a code like error frames do ("offline", "timeout").
+  function clientError(code, message) {
+    const err = new Error(message);
+    err.code = code;
     return err;
+  }
+
+  function offlineError() {
+    return clientError("offline", "not connected");
   }
 
   function isOffline() {
@@ -162,13 +167,7 @@
       const ws = this._ws;
       this._ws = null;
       this._stopHeartbeat();
-      if (ws) {
-        try {
-          ws.close(code);
-        } catch (e) {
-          ws.close();
-        }
-      }
+      if (ws) ws.close(code);
       const pending = Array.from(this._pending.values());
       this._pending.clear();
       for (const p of pending) {
@@ -268,9 +267,7 @@
       return new Promise((resolve, reject) => {
         const timer = global.setTimeout(() => {
           this._pending.delete(ref);
-          const err = new Error("no reply from the server");
-          err.code = "timeout";
-          reject(err);
+          reject(clientError("timeout", "no reply from the server"));
         }, this.requestTimeout);
         this._pending.set(ref, {resolve: resolve, reject: reject, onAck: onAck, timer: timer});
         if (!this._rawSend(frame)) {
@@ -430,8 +427,9 @@
     }
 
     // Resolves with {seq, id}; rejects with the error frame, or an Error whose code is
-    // "offline". Either way err.clientMsgId is set: pass it back as options.clientMsgId to
-    // retry, and the server returns the original message instead of storing a duplicate.
+    // "offline" or "timeout". Either way err.clientMsgId is set: pass it back as
+    // options.clientMsgId to retry, and the server answers with the original message instead
+    // of storing a duplicate.
     send(slug, payload, options) {
       const clientMsgId = (options && options.clientMsgId) || randomId();
       const frame = {type: "send", room: slug, payload: payload, client_msg_id: clientMsgId};
@@ -464,5 +462,5 @@
     }
   }
 
-  global.Realtime = {PROTOCOL: PROTOCOL, Client: Client, version: PROTOCOL.version};
+  global.Realtime = {PROTOCOL: PROTOCOL, Client: Client};
 })(typeof window !== "undefined" ? window : globalThis);
