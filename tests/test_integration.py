@@ -357,6 +357,7 @@ async def test_idle_connection_survives_and_still_gets_messages_from_the_other_p
     servers, cookies
 ):
     a, b = servers
+    offsets = {s.name: s.process.log_size() for s in servers}
     # No client keepalive pings: only the server (daphne pings every 20 s) may keep these up.
     async with (
         connected(b, cookies["bob"], "bob@B", user="bob", ping_interval=None) as bob,
@@ -373,6 +374,12 @@ async def test_idle_connection_survives_and_still_gets_messages_from_the_other_p
         await bob.wait_seq("lobby", head + 1, within=10)
         (message,) = bob.messages("lobby")
         assert message["payload"] == {"idle": True} and message["sender"]["name"] == "alice"
+
+    # The hub's receive loop must not have died and restarted while idle (the trap shows as
+    # "channel layer receive failed" with a redis TimeoutError, even when a retry recovers).
+    for server in servers:
+        log = server.process.log_since(offsets[server.name])
+        assert "receive failed" not in log and "TimeoutError" not in log, log
 
 
 async def test_private_room_refuses_non_members(servers, cookies):
