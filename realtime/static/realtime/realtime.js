@@ -84,7 +84,8 @@
       this.user = null; // from hello: {id, name} or null (anonymous)
       this._listeners = {};
       this._rooms = new Map(); // slug -> room entry (see join)
-      this._pending = new Map(); // ref -> {resolve, reject, onAck}
+      this._pending = new Map(); // ref -> {resolve, reject, onAck, timer}
+      this._typingRefs = new Map(); // ref of the latest typing frame -> room entry
       this._refSeq = 0;
       this._ws = null;
       this._wanted = false; // connect() called and close() not since
@@ -168,6 +169,7 @@
       this._ws = null;
       this._stopHeartbeat();
       if (ws) ws.close(code);
+      this._typingRefs.clear();
       const pending = Array.from(this._pending.values());
       this._pending.clear();
       for (const p of pending) {
@@ -299,6 +301,13 @@
         case "ack":
         case "error": {
           const pending = frame.ref !== undefined ? this._pending.get(frame.ref) : undefined;
+          const typingRoom = frame.ref !== undefined ? this._typingRefs.get(frame.ref) : undefined;
+          if (typingRoom) {
+            // Typing is best effort: never reported, but a user who may not post stops sending it.
+            this._typingRefs.delete(frame.ref);
+            if (frame.code === "forbidden" || frame.code === "unauthorized") typingRoom.noTyping = true;
+            break;
+          }
           if (!pending) {
             if (frame.type === "error") this._emit("error", frame);
             break;
@@ -410,6 +419,7 @@
       // Otherwise the timeline starts at the head, and a re-join has a hole to refill.
       if (!rejoin || !ack.recovered) room.lastSeq = typeof ack.seq === "number" ? ack.seq : 0;
       room.epoch = typeof ack.epoch === "number" ? ack.epoch : null;
+      room.noTyping = false; // rights may have changed since the last join
       safeCall(room.handlers.onJoin, ack);
       if (rejoin && !ack.recovered) safeCall(room.handlers.onReset, ack);
       if (!room.settled) {
@@ -454,11 +464,15 @@
     // Tell the others we are typing; throttled, so call it on every keystroke.
     typing(slug) {
       const room = this._rooms.get(slug);
-      if (!room || this.state !== "live") return;
+      if (!room || room.noTyping || this.state !== "live") return;
       const now = Date.now();
       if (room.lastTyping && now - room.lastTyping < TYPING_INTERVAL_MS) return;
       room.lastTyping = now;
-      this._rawSend({type: "typing", room: slug});
+      // typing has no reply; the ref only lets an error about it be recognised (see _onFrame).
+      if (room.typingRef) this._typingRefs.delete(room.typingRef);
+      room.typingRef = this._nextRef();
+      this._typingRefs.set(room.typingRef, room);
+      this._rawSend({type: "typing", room: slug, ref: room.typingRef});
     }
   }
 
