@@ -1,0 +1,440 @@
+"""Start and stop the real processes the integration tier runs against.
+
+Everything here is synchronous and loopback-only: a private ``redis-server`` on a free port,
+``manage.py migrate`` + ``seed_demo`` into a fresh SQLite file, and ``daphne`` processes serving
+``project.asgi:application``. Processes are stopped by their own Popen handle (terminate, then
+kill after a timeout), never by name. Each process writes stdout and stderr to a log file, so a
+test can show the log and check it for tracebacks.
+
+Use the context managers (``running_redis``, ``running_daphne``, ``realtime_stack``) from
+fixtures; every one stops what it started on the way out, failures included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.cookiejar
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+DEMO_PASSWORD = "realtime-demo"  # project/management/commands/seed_demo.py
+LOOPBACK = "127.0.0.1"
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 120.0
+HTTP_TIMEOUT = 10.0
+
+# Settings read from the environment by project/settings.py that the tests must control.
+_CONTROLLED_ENV = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "ALLOWED_HOSTS",
+    "DEBUG",
+    "SECRET_KEY",
+    "CONN_MAX_AGE",
+    "REALTIME_ALLOW_ANONYMOUS_READ",
+)
+
+
+class ServerError(RuntimeError):
+    """A process could not be started, or answered wrongly."""
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def find_redis_server() -> str:
+    """The redis-server binary; fails (never skips) when it is not installed."""
+    path = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.access(path, os.X_OK):
+        raise ServerError(
+            "redis-server is not installed: the integration tier needs it "
+            "(`make system-deps` installs it, or `apt-get install redis-server`)"
+        )
+    return path
+
+
+def wait_until(
+    check: Callable[[], bool],
+    what: str,
+    timeout: float = START_TIMEOUT,
+    interval: float = 0.05,
+    alive: Callable[[], None] | None = None,
+) -> None:
+    """Poll ``check`` until it returns True; ServerError after ``timeout`` seconds.
+
+    ``alive`` is called before every attempt and should raise when the process died, so a
+    crashed server fails at once instead of at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    attempts = 0
+    while True:
+        if alive is not None:
+            alive()
+        attempts += 1
+        if check():
+            return
+        if time.monotonic() >= deadline:
+            raise ServerError(f"{what}: not ready after {timeout:.0f} s ({attempts} attempts)")
+        time.sleep(interval)
+        interval = min(interval * 1.5, 0.5)
+
+
+@dataclass
+class Process:
+    """One started process, its log file, and how to stop it."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    _log_file: object = field(repr=False, default=None)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_since(self, offset: int) -> str:
+        with contextlib.suppress(FileNotFoundError), self.log_path.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace")
+        return ""
+
+    def assert_alive(self) -> None:
+        code = self.popen.poll()
+        if code is not None:
+            raise ServerError(f"{self.name} (pid {self.pid}) exited with {code}:\n{self.log()}")
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Terminate this process (and only it); kill it if it ignores SIGTERM."""
+        try:
+            if self.popen.poll() is None:
+                self.popen.terminate()
+                try:
+                    self.popen.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"{self.name} (pid {self.pid}) ignored SIGTERM; killing", file=sys.stderr)
+                    self.popen.kill()
+                    self.popen.wait(timeout)
+        finally:
+            close = getattr(self._log_file, "close", None)
+            if close is not None:
+                close()
+
+
+def start_process(name: str, argv: list[str], log_path: Path, **popen_kwargs: object) -> Process:
+    """Start ``argv`` with stdout and stderr appended to ``log_path``."""
+    log_file = log_path.open("ab")
+    try:
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            **popen_kwargs,  # type: ignore[call-overload]
+        )
+    except BaseException:
+        log_file.close()
+        raise
+    return Process(name=name, popen=popen, log_path=log_path, _log_file=log_file)
+
+
+# -- redis ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RedisServer:
+    process: Process
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+
+def redis_ping(port: int, timeout: float = 1.0) -> bool:
+    """True when a Redis server on ``port`` answers PING with PONG."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running_redis(workdir: Path, attempts: int = 3) -> Iterator[RedisServer]:
+    """A private, non-persistent redis-server on a free loopback port."""
+    binary = find_redis_server()
+    workdir.mkdir(parents=True, exist_ok=True)
+    last_error: Exception | None = None
+    for attempt in range(attempts):
+        port = free_port()
+        process = start_process(
+            f"redis-server:{port}",
+            [
+                binary,
+                "--bind",
+                LOOPBACK,
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            workdir / f"redis-{port}.log",
+            cwd=workdir,
+        )
+        try:
+            wait_until(lambda p=port: redis_ping(p), process.name, alive=process.assert_alive)
+        except ServerError as exc:
+            # Most likely another process took the port between free_port() and the bind.
+            process.stop()
+            last_error = exc
+            print(f"attempt {attempt + 1}: {exc}", file=sys.stderr)
+            continue
+        try:
+            yield RedisServer(process=process, port=port)
+        finally:
+            process.stop()
+        return
+    raise ServerError(f"could not start redis-server after {attempts} attempts: {last_error}")
+
+
+# -- django / daphne -----------------------------------------------------------------------
+
+
+def django_env(database_path: Path, redis_url: str) -> dict[str, str]:
+    """The environment of every Django subprocess: demo settings, our database and Redis."""
+    env = {k: v for k, v in os.environ.items() if k not in _CONTROLLED_ENV}
+    env.update(
+        # pytest-django exported tests.settings into our own environment; the servers run
+        # the demo project's settings, which read the variables below.
+        DJANGO_SETTINGS_MODULE="project.settings",
+        DATABASE_URL=f"sqlite:///{database_path}",  # absolute path: sqlite:////tmp/...
+        REDIS_URL=redis_url,
+        ALLOWED_HOSTS=f"{LOOPBACK},localhost",
+        DEBUG="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    return env
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    """Run ``manage.py`` with ``env``; ServerError with its output when it fails."""
+    argv = [str(VENV_BIN / "python"), "manage.py", *args]
+    try:
+        done = subprocess.run(
+            argv,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ServerError(f"manage.py {' '.join(args)} took over {COMMAND_TIMEOUT} s") from exc
+    if done.returncode != 0:
+        raise ServerError(
+            f"manage.py {' '.join(args)} exited with {done.returncode}:\n"
+            f"{done.stdout}\n{done.stderr}"
+        )
+    return done.stdout
+
+
+def prepare_database(env: dict[str, str]) -> None:
+    """Create the schema and the demo users and rooms in ``env``'s database."""
+    manage(env, "migrate", "--noinput")
+    manage(env, "seed_demo")
+
+
+# Loopback only: never route through a proxy from the environment.
+_NO_PROXY = urllib.request.ProxyHandler({})
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def http_get(url: str, timeout: float = HTTP_TIMEOUT) -> tuple[int, str]:
+    """GET ``url`` (no redirects followed); (status, body)."""
+    opener = urllib.request.build_opener(_NO_PROXY, _NoRedirect)
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+@dataclass
+class DaphneServer:
+    process: Process
+    port: int
+
+    @property
+    def name(self) -> str:
+        return self.process.name
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def origin(self) -> str:
+        return self.base_url
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{LOOPBACK}:{self.port}/ws/"
+
+
+def _answers_http(port: int) -> bool:
+    try:
+        status, _ = http_get(f"http://{LOOPBACK}:{port}/accounts/login/", timeout=2.0)
+    except OSError:
+        return False
+    return status == 200
+
+
+@contextlib.contextmanager
+def running_daphne(
+    env: dict[str, str], logdir: Path, label: str, attempts: int = 3
+) -> Iterator[DaphneServer]:
+    """One daphne process serving the demo project on a free loopback port."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    last_error: Exception | None = None
+    for attempt in range(attempts):
+        port = free_port()
+        process = start_process(
+            f"daphne-{label}:{port}",
+            [str(VENV_BIN / "daphne"), "-b", LOOPBACK, "-p", str(port), "project.asgi:application"],
+            logdir / f"daphne-{label}-{port}.log",
+            cwd=REPO_ROOT,
+            env=env,
+        )
+        try:
+            wait_until(lambda p=port: _answers_http(p), process.name, alive=process.assert_alive)
+        except ServerError as exc:
+            process.stop()
+            last_error = exc
+            print(f"attempt {attempt + 1}: {exc}\n{process.log()}", file=sys.stderr)
+            if "Address already in use" not in process.log():
+                break  # not a port race: retrying would fail the same way
+            continue
+        try:
+            yield DaphneServer(process=process, port=port)
+        finally:
+            process.stop()
+        return
+    raise ServerError(f"could not start daphne {label}: {last_error}")
+
+
+@dataclass
+class RealtimeStack:
+    """A private Redis, a seeded SQLite file, and the daphne processes sharing both."""
+
+    redis: RedisServer
+    database_path: Path
+    env: dict[str, str]
+    servers: list[DaphneServer]
+    logdir: Path
+
+    def processes(self) -> list[Process]:
+        return [self.redis.process, *(s.process for s in self.servers)]
+
+
+@contextlib.contextmanager
+def realtime_stack(workdir: Path, daphnes: int = 2) -> Iterator[RealtimeStack]:
+    """Redis + fresh database + ``daphnes`` daphne processes; all stopped on exit."""
+    logdir = workdir / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    database_path = workdir / "db.sqlite3"
+    with running_redis(workdir / "redis") as redis, contextlib.ExitStack() as stack:
+        env = django_env(database_path, redis.url)
+        prepare_database(env)
+        servers = [
+            stack.enter_context(running_daphne(env, logdir, label=chr(ord("A") + i)))
+            for i in range(daphnes)
+        ]
+        yield RealtimeStack(redis, database_path, env, servers, logdir)
+
+
+def tracebacks(text: str) -> list[str]:
+    """The lines of ``text`` that start a Python traceback."""
+    return [line for line in text.splitlines() if "Traceback" in line]
+
+
+# -- logging in over HTTP ------------------------------------------------------------------
+
+
+def login(server: DaphneServer, username: str, password: str = DEMO_PASSWORD) -> str:
+    """Log ``username`` in through the login form; the ``Cookie`` header of its session."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(_NO_PROXY, urllib.request.HTTPCookieProcessor(jar))
+    login_url = f"{server.base_url}/accounts/login/"
+    with opener.open(login_url, timeout=HTTP_TIMEOUT) as response:
+        if response.status != 200:
+            raise ServerError(f"GET {login_url}: {response.status}")
+    cookies = {c.name: c.value for c in jar}
+    if "csrftoken" not in cookies:
+        raise ServerError(f"GET {login_url} set no csrftoken cookie: {sorted(cookies)}")
+    form = urllib.parse.urlencode(
+        {
+            "username": username,
+            "password": password,
+            "csrfmiddlewaretoken": cookies["csrftoken"],
+        }
+    ).encode()
+    request = urllib.request.Request(login_url, data=form, headers={"Referer": login_url})
+    try:
+        # A successful login redirects (followed by the opener) to LOGIN_REDIRECT_URL.
+        with opener.open(request, timeout=HTTP_TIMEOUT) as response:
+            final_url, body = response.geturl(), response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        raise ServerError(
+            f"POST {login_url} as {username}: {exc.code}\n{exc.read()[:2000]!r}"
+        ) from exc
+    session = {c.name: c.value for c in jar}.get("sessionid")
+    if not session:
+        raise ServerError(
+            f"login as {username} set no sessionid (ended at {final_url}):\n{body[:2000]}"
+        )
+    return f"sessionid={session}"
