@@ -63,11 +63,8 @@ def test_layer_helper_output_passes(settings):
     assert ids() == set()
 
 
-def test_w003_sqlite_without_immediate_transactions(settings):
-    settings.DATABASES = {
-        **settings.DATABASES,
-        "default": {**settings.DATABASES["default"], "OPTIONS": {}},
-    }
+def test_w003_sqlite_without_immediate_transactions(settings, monkeypatch):
+    monkeypatch.setitem(settings.DATABASES["default"], "OPTIONS", {})
     assert "realtime.W003" in ids()
 
 
