@@ -83,21 +83,18 @@ def authorize(room: Room, user: Any, *, send: bool) -> None:
             raise Forbidden("only staff and moderators post in this room")
 
 
+def is_allowed(room: Room, user: Any, *, send: bool = False) -> bool:
+    """True when ``user`` may join (or, with send=True, post to) ``room``."""
+    try:
+        authorize(room, user, send=send)
+    except (Forbidden, Unauthorized):
+        return False
+    return True
+
+
 def can_read(room: Room, user: Any) -> bool:
     """True when ``user`` may join ``room``."""
-    try:
-        authorize(room, user, send=False)
-    except (Forbidden, Unauthorized):
-        return False
-    return True
-
-
-def _may_send(room: Room, user: Any) -> bool:
-    try:
-        authorize(room, user, send=True)
-    except (Forbidden, Unauthorized):
-        return False
-    return True
+    return is_allowed(room, user)
 
 
 @dataclass
@@ -116,7 +113,7 @@ def join(slug: str, user: Any, after_seq: int | None, epoch: int | None) -> Join
     authorize(room, user, send=False)
     head = room.head_seq
     result = JoinResult(
-        room=slug, head=head, epoch=room.epoch, recovered=False, can_send=_may_send(room, user)
+        room=slug, head=head, epoch=room.epoch, recovered=False, can_send=is_allowed(room, user, send=True)
     )
     if after_seq is None:
         return result
