@@ -47,7 +47,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "REALTIME_GROUP_REFRESH",
-        600,
+        60,
         "Seconds between re-joins of each process to its rooms' groups (beats group expiry).",
     ),
     Setting(

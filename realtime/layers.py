@@ -8,6 +8,7 @@ from typing import Any
 # them: the socket timeout must exceed that block or idle processes lose their receive loop.
 SOCKET_TIMEOUT = 10
 BRPOP_TIMEOUT = 5
+GROUP_EXPIRY = 300
 
 
 def channel_layer(redis_url: str | None) -> dict[str, Any]:
@@ -16,7 +17,10 @@ def channel_layer(redis_url: str | None) -> dict[str, Any]:
     The in-memory layer only works within one process (development, ``make run``).
     """
     if not redis_url:
-        return {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 10_000}}
+        return {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": 10_000, "group_expiry": GROUP_EXPIRY},
+        }
     return {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
@@ -25,5 +29,8 @@ def channel_layer(redis_url: str | None) -> dict[str, Any]:
             # its queue must hold bursts for all rooms of the process.
             "capacity": 10_000,
             "expiry": 60,
+            # A crashed process's hub channel leaves every group within this many seconds;
+            # live hubs rejoin every REALTIME_GROUP_REFRESH (60 s), well before.
+            "group_expiry": GROUP_EXPIRY,
         },
     }

@@ -113,7 +113,11 @@ def join(slug: str, user: Any, after_seq: int | None, epoch: int | None) -> Join
     authorize(room, user, send=False)
     head = room.head_seq
     result = JoinResult(
-        room=slug, head=head, epoch=room.epoch, recovered=False, can_send=is_allowed(room, user, send=True)
+        room=slug,
+        head=head,
+        epoch=room.epoch,
+        recovered=False,
+        can_send=is_allowed(room, user, send=True),
     )
     if after_seq is None:
         return result

@@ -64,6 +64,8 @@ class RoomState:
     can_send: bool = False
     last_seq: int = 0
     mode: RoomMode = RoomMode.JOINING
+    # Sends of this connection awaiting their ack: broadcasts wait so the ack comes first.
+    holds: int = 0
     pending: dict[int, str] = field(default_factory=dict)
 
 
@@ -178,29 +180,40 @@ class Session:
 
     async def on_send(self, frame: Frame) -> None:
         assert frame.room is not None and frame.payload is not None
-        if frame.room not in self.rooms:
+        state = self.rooms.get(frame.room)
+        if state is None:
             raise NotJoined(f"join {frame.room!r} before sending")
         if not self.authenticated:
             raise Unauthorized()
-        result = await self._db(
-            services.append_message, frame.room, self.user, frame.payload, frame.client_msg_id
-        )
-        message = result.message
-        ack = {
-            "type": ServerType.ACK,
-            "room": frame.room,
-            "seq": message["seq"],
-            "id": message["id"],
-        }
-        await self.emit(encode(with_ref(ack, frame.ref)))
-        if result.created:
+        state.holds += 1
+        try:
+            result = await self._db(
+                services.append_message, frame.room, self.user, frame.payload, frame.client_msg_id
+            )
+            message = result.message
+            # A retry (same client_msg_id) broadcasts again: the first attempt may have been
+            # stored but never broadcast, and sessions drop a seq they have already emitted.
             try:
                 await broker.publish_message(
                     frame.room, message["seq"], services.message_frame(message)
                 )
-            except Exception:
-                # Persisted and acked: every session fills the gap from the database.
+            except Exception as exc:
+                # Stored, but nobody was told: no ack. A retry with the same client_msg_id
+                # returns this message; the others get it by gap fill or replay meanwhile.
                 logger.warning("realtime: broadcast of %s#%s failed", frame.room, message["seq"])
+                raise Unavailable("could not broadcast; retry with the same client_msg_id") from exc
+            ack = {
+                "type": ServerType.ACK,
+                "room": frame.room,
+                "seq": message["seq"],
+                "id": message["id"],
+            }
+            await self.emit(encode(with_ref(ack, frame.ref)))
+        finally:
+            state.holds -= 1
+            held = state.pending and state.mode is RoomMode.LIVE and not state.holds
+            if held and self.rooms.get(frame.room) is state:
+                self._start_fill(state)
 
     async def on_typing(self, frame: Frame) -> None:
         assert frame.room is not None
@@ -245,7 +258,8 @@ class Session:
         state = self.rooms.get(room)
         if state is None or seq <= state.last_seq:
             return
-        if state.mode is RoomMode.LIVE and seq == state.last_seq + 1:
+        live = state.mode is RoomMode.LIVE and not state.holds
+        if live and seq == state.last_seq + 1:
             state.last_seq = seq
             await self.emit(frame)
             return
@@ -253,7 +267,7 @@ class Session:
             await self.abort(CloseCode.SLOW_CONSUMER)
             return
         state.pending[seq] = frame
-        if state.mode is RoomMode.LIVE:
+        if live:
             # Ahead of last_seq + 1: the layer dropped or reordered something.
             self._start_fill(state)
 

@@ -412,3 +412,22 @@ async def test_typing_needs_send_rights(connect, users, rooms):
     await carol.join("news")
     error("forbidden", None)(await carol.request(type="typing", room="news"))
     await carol.assert_usable()
+
+
+async def test_send_is_not_acked_when_the_broadcast_fails(connect, users, rooms, monkeypatch):
+    alice, bob = await connect(users["alice"]), await connect(users["bob"])
+    await alice.join("lobby")
+    await bob.join("lobby")
+    real_publish = broker.publish_message
+
+    async def layer_down(*args):
+        raise ConnectionError("redis is down")
+
+    monkeypatch.setattr(broker, "publish_message", layer_down)
+    frame = {"type": "send", "room": "lobby", "payload": {"text": "x"}, "client_msg_id": "k1"}
+    error("unavailable", "a")(await alice.request(ref="a", **frame))
+    monkeypatch.setattr(broker, "publish_message", real_publish)
+    retry = await alice.request(ref="b", **frame)
+    assert (retry["type"], retry["seq"]) == ("ack", 1)  # the stored message, not a new one
+    for client in (alice, bob):
+        assert [m["seq"] for m in await client.messages(1)] == [1]
