@@ -1,13 +1,21 @@
 """Test settings: the demo project's, with a file SQLite database threads can share."""
 
+import os
+import tempfile
+from pathlib import Path
+
 from project.settings import *  # noqa: F403
+
+# A file (not :memory:) so that database_sync_to_async threads share it; one per pytest
+# process so that concurrent runs never meet.
+_TEST_DB = Path(tempfile.gettempdir()) / f"realtime-test-{os.getpid()}.sqlite3"
 
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": BASE_DIR / "test-db.sqlite3",  # noqa: F405
+        "NAME": _TEST_DB,
         "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
-        "TEST": {"NAME": BASE_DIR / "test-db.sqlite3"},  # noqa: F405
+        "TEST": {"NAME": _TEST_DB},
     }
 }
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
