@@ -155,6 +155,10 @@ class Hub:
             except Exception:
                 logger.exception("realtime: delivery to a session failed")
 
+    def own(self, task: asyncio.Task[None]) -> None:
+        """Tie a background task of this loop to the hub, so stop() cancels it too."""
+        self._tasks.append(task)
+
     async def close(self) -> None:
         """Cancel the hub's tasks (tests and shutdown)."""
         self.stop()

@@ -17,6 +17,7 @@ _NUMERIC: dict[str, tuple[type | tuple[type, ...], int]] = {
     "REALTIME_HEARTBEAT": (int, 1),
     "REALTIME_GROUP_REFRESH": ((int, float), 1),
     "REALTIME_GAP_FILL_BATCH": (int, 1),
+    "REALTIME_PRESENCE_TTL": ((int, float), 1),
 }
 
 CHECK_IDS = (

@@ -51,6 +51,11 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds between re-joins of each process to its rooms' groups (beats group expiry).",
     ),
     Setting(
+        "REALTIME_PRESENCE_TTL",
+        20,
+        "Seconds a connection stays in presence without a heartbeat (a crashed process's users).",
+    ),
+    Setting(
         "REALTIME_GAP_FILL_BATCH",
         500,
         "Messages read from the database per query when a session fills a sequence gap.",
@@ -70,6 +75,7 @@ class _Conf:
     REALTIME_CHANNEL_LAYER: str
     REALTIME_GROUP_REFRESH: float
     REALTIME_GAP_FILL_BATCH: int
+    REALTIME_PRESENCE_TTL: float
 
     def __getattr__(self, name: str) -> Any:
         if name not in _DEFAULTS:

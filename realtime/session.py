@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -18,7 +19,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
-from realtime import broker, services
+from realtime import broker, presence, services
 from realtime.conf import conf
 from realtime.errors import (
     AlreadyJoined,
@@ -66,6 +67,7 @@ class RoomState:
     mode: RoomMode = RoomMode.JOINING
     # Sends of this connection awaiting their ack: broadcasts wait so the ack comes first.
     holds: int = 0
+    present: bool = False  # counted in the room's presence
     pending: dict[int, str] = field(default_factory=dict)
 
 
@@ -78,6 +80,7 @@ class Session:
         self._close_transport = close
         self.closed = False
         self.rooms: dict[str, RoomState] = {}
+        self.conn_id = uuid.uuid4().hex
         self.hub = broker.get_hub()
         self._fills: set[asyncio.Task[None]] = set()
         self._handlers: dict[ClientType, Callable[[Frame], Awaitable[None]]] = {
@@ -131,8 +134,42 @@ class Session:
         for task in list(self._fills):
             task.cancel()
         for slug in list(self.rooms):
-            del self.rooms[slug]
-            await self.hub.unsubscribe(slug, self)
+            await self._leave_room(slug)
+
+    async def _leave_room(self, slug: str) -> None:
+        state = self.rooms.pop(slug, None)
+        await self.hub.unsubscribe(slug, self)
+        if state is not None and state.present:
+            try:
+                await presence.announce(
+                    slug, await presence.get_backend().leave(slug, self.conn_id)
+                )
+            except Exception:
+                # The heartbeat TTL removes the entry anyway.
+                logger.warning("realtime: presence leave failed for %s", slug, exc_info=True)
+
+    def presence_user(self, room: str) -> dict[str, Any] | None:
+        """This connection's presence entry in ``room``, if it counts there."""
+        state = self.rooms.get(room)
+        if state is None or not state.present:
+            return None
+        return services.user_info(self.user)
+
+    async def _enter_presence(self, state: RoomState) -> list[dict[str, Any]]:
+        """Count this connection in the room's presence; return the room's users."""
+        user = services.user_info(self.user)
+        try:
+            backend = presence.get_backend()
+            if user is not None:
+                presence.ensure_keeper(self.hub)
+                change = await backend.join(state.slug, self.conn_id, user)
+                state.present = True
+                await presence.announce(state.slug, change)
+            return await backend.users(state.slug)
+        except Exception:
+            # Presence is advisory: a join still works without it (the heartbeat retries).
+            logger.warning("realtime: presence join failed for %s", state.slug, exc_info=True)
+            return []
 
     # -- client frames -------------------------------------------------------------------
 
@@ -163,8 +200,9 @@ class Session:
             "epoch": result.epoch,
             "recovered": result.recovered,
         }
+        users = await self._enter_presence(state)
         await self.emit(encode(with_ref(ack, frame.ref)))
-        await self.emit(encode({"type": ServerType.PRESENCE_STATE, "room": slug, "users": []}))
+        await self.emit(encode({"type": ServerType.PRESENCE_STATE, "room": slug, "users": users}))
         for message in result.messages:
             await self.emit(services.message_frame(message))
         state.last_seq = result.head
@@ -173,9 +211,9 @@ class Session:
 
     async def on_leave(self, frame: Frame) -> None:
         assert frame.room is not None
-        if self.rooms.pop(frame.room, None) is None:
+        if frame.room not in self.rooms:
             raise NotJoined(f"not joined to {frame.room!r}")
-        await self.hub.unsubscribe(frame.room, self)
+        await self._leave_room(frame.room)
         await self.emit(encode(with_ref({"type": ServerType.ACK, "room": frame.room}, frame.ref)))
 
     async def on_send(self, frame: Frame) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from channels.layers import get_channel_layer
 
-from realtime import broker
+from realtime import broker, presence
 from realtime.models import Membership, Room
 
 
@@ -39,6 +39,8 @@ async def hub():
     """The running loop's hub on a flushed in-memory layer; its tasks end with the test."""
     layer = get_channel_layer()
     await layer.flush()
+    presence._memory.conns.clear()
+    presence._memory.info.clear()
     current = broker.get_hub()
     yield current
     await current.close()

@@ -31,8 +31,13 @@ class Client:
     async def send(self, **frame):
         await self.comm.send_to(text_data=json.dumps(frame))
 
-    async def recv(self):
-        return json.loads(await self.comm.receive_from(timeout=TIMEOUT))
+    async def recv(self, skip=("presence_diff",)):
+        """The next frame, passing over presence diffs unless a test asks for them."""
+        for _ in range(100):
+            frame = json.loads(await self.comm.receive_from(timeout=TIMEOUT))
+            if frame["type"] not in skip:
+                return frame
+        raise AssertionError("only skipped frames arrived")
 
     async def request(self, **frame):
         await self.send(**frame)
@@ -431,3 +436,57 @@ async def test_send_is_not_acked_when_the_broadcast_fails(connect, users, rooms,
     assert (retry["type"], retry["seq"]) == ("ack", 1)  # the stored message, not a new one
     for client in (alice, bob):
         assert [m["seq"] for m in await client.messages(1)] == [1]
+
+
+# -- presence ------------------------------------------------------------------------------
+
+
+def person(user, connections=None):
+    data = {"id": user.pk, "name": user.username}
+    return data if connections is None else {**data, "connections": connections}
+
+
+async def join_with_presence(client, room):
+    ack = await client.request(type="join", room=room, ref="p")
+    assert ack["type"] == "ack"
+    state = await client.recv()
+    assert state["type"] == "presence_state"
+    return state
+
+
+async def test_presence_state_lists_users_once_with_connection_counts(connect, users, rooms):
+    alice1, alice2 = await connect(users["alice"]), await connect(users["alice"])
+    await alice1.join("lobby")
+    await alice2.join("lobby")
+    bob = await connect(users["bob"])
+    state = await join_with_presence(bob, "lobby")
+    assert state["users"] == [person(users["alice"], 2), person(users["bob"], 1)]
+
+
+async def test_presence_diff_on_first_join_and_last_leave_only(connect, users, rooms):
+    alice = await connect(users["alice"])
+    await alice.join("lobby")
+    bob1 = await connect(users["bob"])
+    await bob1.join("lobby")
+    diff = await alice.recv(skip=())
+    assert diff == {
+        "type": "presence_diff",
+        "room": "lobby",
+        "joins": [person(users["bob"])],
+        "leaves": [],
+    }
+    bob2 = await connect(users["bob"])
+    await bob2.join("lobby")  # a second tab: no diff
+    await bob2.request(type="leave", room="lobby", ref="x")
+    await bob1.close()  # the last connection goes: bob leaves
+    diff = await alice.recv(skip=())
+    assert (diff["joins"], diff["leaves"]) == ([], [person(users["bob"])])
+
+
+async def test_anonymous_readers_are_not_in_presence(connect, users, rooms, settings):
+    from django.contrib.auth.models import AnonymousUser
+
+    settings.REALTIME_ALLOW_ANONYMOUS_READ = True
+    anon = await connect(AnonymousUser())
+    state = await join_with_presence(anon, "lobby")
+    assert state["users"] == []

@@ -1,0 +1,382 @@
+"""Who is online, per room, across processes.
+
+Shaped like Phoenix presence: a joiner gets the full state once, then everybody gets diffs of
+users joining (their first connection) and leaving (their last). One entry per user, with a
+connection count.
+
+The Redis backend keeps, per room, a sorted set of connection ids scored by expiry time, plus
+per-user connection counts. Every process refreshes its own connections' expiry every
+``REALTIME_PRESENCE_TTL / 4`` seconds and sweeps expired connections out, so the users of a
+crashed process disappear within about ``REALTIME_PRESENCE_TTL`` seconds. Each change runs as
+one Lua script, so concurrent processes never both count a "first" or "last" connection.
+The memory backend does the same within one process (the development default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from django.conf import settings
+
+from realtime import broker
+from realtime.conf import conf
+from realtime.protocol import ServerType, encode
+
+logger = logging.getLogger(__name__)
+
+User = dict[str, Any]  # {"id": ..., "name": ...}
+
+KEY_PREFIX = "realtime:presence:"
+
+
+@dataclass
+class Change:
+    """What one presence operation did: who came online, who went offline."""
+
+    joins: list[User] = field(default_factory=list)
+    leaves: list[User] = field(default_factory=list)
+
+
+class Backend(Protocol):
+    async def join(self, room: str, conn: str, user: User) -> Change: ...
+
+    async def leave(self, room: str, conn: str) -> Change: ...
+
+    async def touch(self, room: str, conns: list[str], users: dict[str, User]) -> Change: ...
+
+    async def users(self, room: str) -> list[User]: ...
+
+    async def counts(self, rooms: list[str]) -> dict[str, int]: ...
+
+
+def _clock() -> float:
+    return time.time()
+
+
+class MemoryBackend:
+    """Presence within one process (with the in-memory channel layer)."""
+
+    def __init__(self, clock: Callable[[], float] = _clock) -> None:
+        self.clock = clock
+        # room -> conn -> (user id key, expiry)
+        self.conns: dict[str, dict[str, tuple[str, float]]] = {}
+        self.info: dict[str, dict[str, User]] = {}
+
+    def _sweep(self, room: str) -> Change:
+        now = self.clock()
+        change = Change()
+        conns = self.conns.get(room, {})
+        for conn, (_, expiry) in list(conns.items()):
+            if expiry <= now:
+                change.leaves.extend(self._remove(room, conn).leaves)
+        return change
+
+    def _remove(self, room: str, conn: str) -> Change:
+        conns = self.conns.get(room, {})
+        entry = conns.pop(conn, None)
+        if entry is None:
+            return Change()
+        uid = entry[0]
+        if any(other_uid == uid for other_uid, _ in conns.values()):
+            return Change()
+        user = self.info.get(room, {}).pop(uid, None)
+        if not conns:
+            self.conns.pop(room, None)
+            self.info.pop(room, None)
+        return Change(leaves=[user] if user else [])
+
+    async def join(self, room: str, conn: str, user: User) -> Change:
+        change = self._sweep(room)
+        uid = str(user["id"])
+        conns = self.conns.setdefault(room, {})
+        first = all(other_uid != uid for other_uid, _ in conns.values())
+        conns[conn] = (uid, self.clock() + conf.REALTIME_PRESENCE_TTL)
+        self.info.setdefault(room, {})[uid] = user
+        if first:
+            change.joins.append(user)
+        return change
+
+    async def leave(self, room: str, conn: str) -> Change:
+        return self._remove(room, conn)
+
+    async def touch(self, room: str, conns: list[str], users: dict[str, User]) -> Change:
+        change = self._sweep(room)
+        expiry = self.clock() + conf.REALTIME_PRESENCE_TTL
+        for conn in conns:
+            entry = self.conns.get(room, {}).get(conn)
+            if entry is not None:
+                self.conns[room][conn] = (entry[0], expiry)
+            elif conn in users:  # swept while this process stalled: count it again
+                rejoined = await self.join(room, conn, users[conn])
+                change.joins.extend(rejoined.joins)
+        return change
+
+    async def users(self, room: str) -> list[User]:
+        counts: dict[str, int] = {}
+        for uid, _ in self.conns.get(room, {}).values():
+            counts[uid] = counts.get(uid, 0) + 1
+        info = self.info.get(room, {})
+        return [{**info[uid], "connections": n} for uid, n in sorted(counts.items())]
+
+    async def counts(self, rooms: list[str]) -> dict[str, int]:
+        return {room: len(await self.users(room)) for room in rooms}
+
+
+def diff_frame(room: str, change: Change) -> str:
+    """Encode a ``presence_diff`` frame."""
+    return encode(
+        {
+            "type": ServerType.PRESENCE_DIFF,
+            "room": room,
+            "joins": change.joins,
+            "leaves": change.leaves,
+        }
+    )
+
+
+async def announce(room: str, change: Change) -> None:
+    """Broadcast a presence change to the room, if there is one."""
+    if change.joins or change.leaves:
+        await broker.publish_ephemeral(room, diff_frame(room, change))
+
+
+# Lua: KEYS = exp (zset conn->expiry), conn (hash conn->uid), cnt (hash uid->n), info (hash
+# uid->json). Every script first sweeps expired connections and reports the users that left.
+_SWEEP = """
+local leaves = {}
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for _, c in ipairs(expired) do
+  redis.call('ZREM', KEYS[1], c)
+  local u = redis.call('HGET', KEYS[2], c)
+  redis.call('HDEL', KEYS[2], c)
+  if u then
+    if redis.call('HINCRBY', KEYS[3], u, -1) <= 0 then
+      redis.call('HDEL', KEYS[3], u)
+      table.insert(leaves, redis.call('HGET', KEYS[4], u) or '')
+      redis.call('HDEL', KEYS[4], u)
+    end
+  end
+end
+"""
+_KEEP = """
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+"""
+# ARGV: now, key ttl, conn, uid, info json, expiry
+JOIN_SCRIPT = (
+    _SWEEP
+    + """
+local first = 0
+if redis.call('ZADD', KEYS[1], ARGV[6], ARGV[3]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+  if redis.call('HINCRBY', KEYS[3], ARGV[4], 1) == 1 then first = 1 end
+end
+redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
+"""
+    + _KEEP
+    + "return {first, leaves}"
+)
+# ARGV: now, key ttl, conn
+LEAVE_SCRIPT = (
+    _SWEEP
+    + """
+if redis.call('ZREM', KEYS[1], ARGV[3]) == 1 then
+  local u = redis.call('HGET', KEYS[2], ARGV[3])
+  redis.call('HDEL', KEYS[2], ARGV[3])
+  if u and redis.call('HINCRBY', KEYS[3], u, -1) <= 0 then
+    redis.call('HDEL', KEYS[3], u)
+    table.insert(leaves, redis.call('HGET', KEYS[4], u) or '')
+    redis.call('HDEL', KEYS[4], u)
+  end
+end
+return leaves
+"""
+)
+# ARGV: now, key ttl, expiry, conn1, conn2, ...; returns leaves and the conns that were missing
+TOUCH_SCRIPT = (
+    _SWEEP
+    + """
+local missing = {}
+for i = 4, #ARGV do
+  if redis.call('ZADD', KEYS[1], 'XX', 'CH', ARGV[3], ARGV[i]) == 0 then
+    if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then table.insert(missing, ARGV[i]) end
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+"""
+    + _KEEP
+    + """
+end
+return {leaves, missing}
+"""
+)
+
+
+def _keys(room: str) -> list[str]:
+    base = KEY_PREFIX + room
+    return [base + ":exp", base + ":conn", base + ":cnt", base + ":info"]
+
+
+def _decode_users(raw: list[Any]) -> list[User]:
+    users = []
+    for item in raw:
+        text = item.decode() if isinstance(item, bytes) else str(item)
+        if text:
+            users.append(json.loads(text))
+    return users
+
+
+class RedisBackend:
+    """Presence shared by every process through Redis."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._join = client.register_script(JOIN_SCRIPT)
+        self._leave = client.register_script(LEAVE_SCRIPT)
+        self._touch = client.register_script(TOUCH_SCRIPT)
+
+    @staticmethod
+    def _key_ttl() -> int:
+        return int(conf.REALTIME_PRESENCE_TTL * 10)
+
+    async def join(self, room: str, conn: str, user: User) -> Change:
+        now = _clock()
+        first, leaves = await self._join(
+            keys=_keys(room),
+            args=[
+                now,
+                self._key_ttl(),
+                conn,
+                str(user["id"]),
+                json.dumps(user),
+                now + conf.REALTIME_PRESENCE_TTL,
+            ],
+        )
+        return Change(joins=[user] if first else [], leaves=_decode_users(leaves))
+
+    async def leave(self, room: str, conn: str) -> Change:
+        leaves = await self._leave(keys=_keys(room), args=[_clock(), self._key_ttl(), conn])
+        return Change(leaves=_decode_users(leaves))
+
+    async def touch(self, room: str, conns: list[str], users: dict[str, User]) -> Change:
+        now = _clock()
+        leaves, missing = await self._touch(
+            keys=_keys(room),
+            args=[now, self._key_ttl(), now + conf.REALTIME_PRESENCE_TTL, *conns],
+        )
+        change = Change(leaves=_decode_users(leaves))
+        for raw in missing:
+            conn = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if conn in users:  # swept while this process stalled: count it again
+                change.joins.extend((await self.join(room, conn, users[conn])).joins)
+        return change
+
+    async def users(self, room: str) -> list[User]:
+        # No sweep here: the leaves a sweep finds must be announced, so only join, leave and
+        # touch (whose callers broadcast the diff) sweep. An expired entry shows until then.
+        keys = _keys(room)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys[2])
+            pipe.hgetall(keys[3])
+            counts, info = await pipe.execute()
+        users = []
+        for uid, n in counts.items():
+            if uid in info:
+                users.append({**json.loads(info[uid]), "connections": int(n)})
+        return sorted(users, key=lambda u: str(u["id"]))
+
+    async def counts(self, rooms: list[str]) -> dict[str, int]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for room in rooms:
+                pipe.hlen(_keys(room)[2])
+            results = await pipe.execute()
+        return {room: int(n) for room, n in zip(rooms, results, strict=True)}
+
+
+def _redis_host() -> dict[str, Any] | None:
+    """The first Redis host of the realtime channel layer, if it is channels-redis."""
+    layer = getattr(settings, "CHANNEL_LAYERS", {}).get(conf.REALTIME_CHANNEL_LAYER, {})
+    if not str(layer.get("BACKEND", "")).startswith("channels_redis"):
+        return None
+    hosts = layer.get("CONFIG", {}).get("hosts") or [("localhost", 6379)]
+    host = hosts[0]
+    if isinstance(host, str):
+        return {"address": host}
+    if isinstance(host, dict):
+        return dict(host)
+    return {"host": host[0], "port": host[1]}
+
+
+_memory = MemoryBackend()
+_redis: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RedisBackend] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_backend() -> Backend:
+    """The presence backend for the running loop (Redis clients are bound to a loop)."""
+    host = _redis_host()
+    if host is None:
+        return _memory
+    loop = asyncio.get_running_loop()
+    backend = _redis.get(loop)
+    if backend is None:
+        import redis.asyncio as aioredis
+
+        host.setdefault("socket_timeout", 10)
+        if "address" in host:
+            client = aioredis.Redis.from_url(host.pop("address"), **host)
+        else:
+            client = aioredis.Redis(**host)
+        backend = _redis[loop] = RedisBackend(client)
+    return backend
+
+
+class Present(Protocol):
+    """A hub subscriber that can be present in a room (session.Session)."""
+
+    conn_id: str
+
+    def presence_user(self, room: str) -> User | None: ...
+
+
+async def touch_local(hub: broker.Hub) -> None:
+    """Refresh this process's connections in every room it serves; announce what changed."""
+    backend = get_backend()
+    for room, subscribers in list(hub.rooms.items()):
+        entries: dict[str, User] = {}
+        for subscriber in subscribers:
+            user = getattr(subscriber, "presence_user", lambda room: None)(room)
+            if user is not None:
+                entries[subscriber.conn_id] = user  # type: ignore[attr-defined]
+        change = await backend.touch(room, list(entries), entries)
+        await announce(room, change)
+
+
+_keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _keep(hub: broker.Hub) -> None:
+    while True:
+        await asyncio.sleep(conf.REALTIME_PRESENCE_TTL / 4)
+        try:
+            await touch_local(hub)
+        except Exception:
+            logger.warning("realtime: presence heartbeat failed", exc_info=True)
+
+
+def ensure_keeper(hub: broker.Hub) -> None:
+    """Start this loop's presence heartbeat once."""
+    loop = asyncio.get_running_loop()
+    task = _keepers.get(loop)
+    if task is None or task.done():
+        task = _keepers[loop] = loop.create_task(_keep(hub))
+        hub.own(task)

@@ -1,0 +1,115 @@
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from realtime import presence
+from realtime.presence import MemoryBackend, RedisBackend
+
+from .servers import running_redis
+
+ALICE = {"id": 1, "name": "alice"}
+BOB = {"id": 2, "name": "bob"}
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    with running_redis(tmp_path_factory.mktemp("presence-redis")) as server:
+        yield server.url
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request, monkeypatch):
+    clock = Clock()
+    if request.param == "memory":
+        yield MemoryBackend(clock), clock
+        return
+    url = request.getfixturevalue("redis_url")
+    monkeypatch.setattr(presence, "_clock", clock)
+    client = aioredis.Redis.from_url(url)
+    await client.flushdb()
+    yield RedisBackend(client), clock
+    await client.aclose()
+
+
+async def test_first_connection_joins_and_last_leaves(backend):
+    store, _ = backend
+    assert (await store.join("lobby", "c1", ALICE)).joins == [ALICE]
+    assert (await store.join("lobby", "c2", ALICE)).joins == []
+    assert await store.users("lobby") == [{**ALICE, "connections": 2}]
+    assert (await store.leave("lobby", "c1")).leaves == []
+    assert (await store.leave("lobby", "c2")).leaves == [ALICE]
+    assert await store.users("lobby") == []
+
+
+async def test_users_are_listed_once_with_counts(backend):
+    store, _ = backend
+    for conn in ("a1", "a2", "a3"):
+        await store.join("lobby", conn, ALICE)
+    await store.join("lobby", "b1", BOB)
+    assert await store.users("lobby") == [
+        {**ALICE, "connections": 3},
+        {**BOB, "connections": 1},
+    ]
+    assert await store.counts(["lobby", "team"]) == {"lobby": 2, "team": 0}
+
+
+async def test_leaving_twice_or_unknown_changes_nothing(backend):
+    store, _ = backend
+    await store.join("lobby", "c1", ALICE)
+    assert (await store.leave("lobby", "nope")).leaves == []
+    assert (await store.leave("lobby", "c1")).leaves == [ALICE]
+    assert (await store.leave("lobby", "c1")).leaves == []
+
+
+async def test_connections_without_heartbeat_expire_and_are_announced(backend, settings):
+    settings.REALTIME_PRESENCE_TTL = 20
+    store, clock = backend
+    await store.join("lobby", "dead", BOB)  # its process will stop heart-beating
+    await store.join("lobby", "live", ALICE)
+    clock.now += 15
+    assert (await store.touch("lobby", ["live"], {"live": ALICE})).leaves == []
+    clock.now += 10  # dead is 25 s old, live 10 s
+    change = await store.touch("lobby", ["live"], {"live": ALICE})
+    assert change.leaves == [BOB]
+    assert await store.users("lobby") == [{**ALICE, "connections": 1}]
+
+
+async def test_touch_recounts_a_connection_swept_while_its_process_stalled(backend, settings):
+    settings.REALTIME_PRESENCE_TTL = 20
+    store, clock = backend
+    await store.join("lobby", "c1", ALICE)
+    clock.now += 30
+    swept = await store.join("lobby", "b1", BOB)  # any write sweeps
+    assert swept.leaves == [ALICE]
+    rejoined = await store.touch("lobby", ["c1"], {"c1": ALICE})
+    assert rejoined.joins == [ALICE]
+
+
+async def test_concurrent_first_connections_count_one_join(redis_url):
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    store = RedisBackend(client)
+    changes = await asyncio.gather(*(store.join("lobby", f"c{i}", ALICE) for i in range(20)))
+    assert sum(len(c.joins) for c in changes) == 1
+    leaves = await asyncio.gather(*(store.leave("lobby", f"c{i}") for i in range(20)))
+    assert sum(len(c.leaves) for c in leaves) == 1
+    await client.aclose()
+
+
+async def test_redis_keys_expire_when_a_room_is_abandoned(redis_url, settings):
+    settings.REALTIME_PRESENCE_TTL = 20
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    await RedisBackend(client).join("lobby", "c1", ALICE)
+    ttls = [await client.ttl(key) for key in presence._keys("lobby")]
+    assert all(0 < ttl <= 200 for ttl in ttls), ttls
+    await client.aclose()
