@@ -9,4 +9,4 @@ class RealtimeConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from realtime import checks  # noqa: F401  (registers the system checks)
+        from realtime import checks, moderation  # noqa: F401  (registers checks and signals)

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 GROUP_PREFIX = "realtime.room."
 MESSAGE = "realtime.message"
 EPHEMERAL = "realtime.ephemeral"
+CONTROL = "realtime.control"
 
 
 def room_group(room: str) -> str:
@@ -36,6 +37,8 @@ class Subscriber(Protocol):
     async def deliver(self, room: str, seq: int, frame: str) -> None: ...
 
     async def deliver_ephemeral(self, room: str, frame: str, exclude_user: Any) -> None: ...
+
+    async def control(self, room: str, message: dict[str, Any]) -> None: ...
 
 
 def get_layer() -> BaseChannelLayer:
@@ -55,11 +58,16 @@ class Hub:
         self.rooms: dict[str, set[Subscriber]] = {}
         self.subscribed: set[str] = set()
         self.channel: str | None = None
+        # Every open session of this loop (for live totals), and broadcast counters.
+        self.sessions: weakref.WeakSet[Subscriber] = weakref.WeakSet()
+        self.messages_received = 0
+        self.deliveries = 0
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {
             MESSAGE: self._on_message,
             EPHEMERAL: self._on_ephemeral,
+            CONTROL: self._on_control,
         }
 
     async def _start(self) -> str:
@@ -141,7 +149,10 @@ class Hub:
 
     async def _on_message(self, message: dict[str, Any]) -> None:
         room, seq, frame = message["room"], message["seq"], message["frame"]
-        for subscriber in list(self.rooms.get(room, ())):
+        subscribers = list(self.rooms.get(room, ()))
+        self.messages_received += 1
+        self.deliveries += len(subscribers)
+        for subscriber in subscribers:
             try:
                 await subscriber.deliver(room, seq, frame)
             except Exception:
@@ -155,8 +166,26 @@ class Hub:
             except Exception:
                 logger.exception("realtime: delivery to a session failed")
 
+    async def _on_control(self, message: dict[str, Any]) -> None:
+        # Controls may read the database per session: run them beside the receive loop so
+        # other rooms' broadcasts are not held up.
+        room = message["room"]
+        subscribers = list(self.rooms.get(room, ()))
+        if subscribers:
+            self.own(asyncio.create_task(self._control_all(room, subscribers, message)))
+
+    async def _control_all(
+        self, room: str, subscribers: list[Subscriber], message: dict[str, Any]
+    ) -> None:
+        for subscriber in subscribers:
+            try:
+                await subscriber.control(room, message)
+            except Exception:
+                logger.exception("realtime: control %s failed for a session", message.get("op"))
+
     def own(self, task: asyncio.Task[None]) -> None:
         """Tie a background task of this loop to the hub, so stop() cancels it too."""
+        self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(task)
 
     async def close(self) -> None:
@@ -197,4 +226,11 @@ async def publish_ephemeral(room: str, frame: str, exclude_user: Any = None) -> 
     await get_layer().group_send(
         room_group(room),
         {"type": EPHEMERAL, "room": room, "frame": frame, "exclude_user": exclude_user},
+    )
+
+
+async def publish_control(room: str, op: str, **fields: Any) -> None:
+    """Tell every session in the room, on every process, to act (recheck rights, kick)."""
+    await get_layer().group_send(
+        room_group(room), {"type": CONTROL, "room": room, "op": op, **fields}
     )

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
 import weakref
 from collections.abc import Callable
@@ -365,12 +367,79 @@ _keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None
 
 
 async def _keep(hub: broker.Hub) -> None:
+    last = (time.monotonic(), hub.messages_received, hub.deliveries)
     while True:
         await asyncio.sleep(conf.REALTIME_PRESENCE_TTL / 4)
         try:
             await touch_local(hub)
+            now = (time.monotonic(), hub.messages_received, hub.deliveries)
+            await _publish_stats(hub, now, last)
+            last = now
         except Exception:
             logger.warning("realtime: presence heartbeat failed", exc_info=True)
+
+
+# -- live totals per process, for the admin ------------------------------------------------
+
+STATS_KEY = "realtime:processes"
+PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
+_local_stats: dict[str, dict[str, Any]] = {}
+
+
+async def _publish_stats(
+    hub: broker.Hub, now: tuple[float, int, int], last: tuple[float, int, int]
+) -> None:
+    elapsed = max(now[0] - last[0], 1e-6)
+    stats = {
+        "process": PROCESS_ID,
+        "connections": len(hub.sessions),
+        "rooms": len(hub.rooms),
+        "messages_per_s": round((now[1] - last[1]) / elapsed, 2),
+        "deliveries_per_s": round((now[2] - last[2]) / elapsed, 2),
+        "updated": _clock(),
+    }
+    _local_stats[PROCESS_ID] = stats
+    backend = get_backend()
+    if isinstance(backend, RedisBackend):
+        await backend.client.hset(STATS_KEY, PROCESS_ID, json.dumps(stats))
+        await backend.client.expire(STATS_KEY, int(conf.REALTIME_PRESENCE_TTL * 10))
+
+
+def _sync_client() -> Any:
+    host = _redis_host()
+    if host is None:
+        return None
+    import redis
+
+    host.setdefault("socket_timeout", 5)
+    if "address" in host:
+        return redis.Redis.from_url(host.pop("address"), **host)
+    return redis.Redis(**host)
+
+
+def process_stats() -> list[dict[str, Any]]:
+    """Live totals of every process seen within the presence TTL (sync, for the admin)."""
+    client = _sync_client()
+    if client is None:
+        rows = list(_local_stats.values())
+    else:
+        with client:
+            rows = [json.loads(v) for v in client.hgetall(STATS_KEY).values()]
+    fresh = _clock() - conf.REALTIME_PRESENCE_TTL
+    return sorted((r for r in rows if r["updated"] >= fresh), key=lambda r: r["process"])
+
+
+def online_counts(rooms: list[str]) -> dict[str, int]:
+    """Users online per room (sync, for the admin)."""
+    client = _sync_client()
+    if client is None:
+        return {
+            room: len({uid for uid, _ in _memory.conns.get(room, {}).values()}) for room in rooms
+        }
+    with client, client.pipeline(transaction=False) as pipe:
+        for room in rooms:
+            pipe.hlen(_keys(room)[2])
+        return {room: int(n) for room, n in zip(rooms, pipe.execute(), strict=True)}
 
 
 def ensure_keeper(hub: broker.Hub) -> None:

@@ -16,7 +16,7 @@ from django.db.models import F
 from realtime.conf import conf
 from realtime.errors import Forbidden, RoomNotFound, Unauthorized
 from realtime.models import Membership, Message, Room
-from realtime.protocol import ServerType, encode
+from realtime.protocol import RemovedReason, ServerType, encode
 
 AnyUser = AbstractBaseUser | AnonymousUser
 
@@ -90,6 +90,31 @@ def is_allowed(room: Room, user: Any, *, send: bool = False) -> bool:
     except (Forbidden, Unauthorized):
         return False
     return True
+
+
+def denial(slug: str, user: Any) -> tuple[str | None, bool]:
+    """Why ``user`` may no longer read the room (a removed reason, or None), and can they send."""
+    try:
+        room = get_room(slug)
+    except RoomNotFound:
+        return RemovedReason.FORBIDDEN, False
+    try:
+        authorize(room, user, send=False)
+    except (Forbidden, Unauthorized):
+        if room.archived:
+            return RemovedReason.ARCHIVED, False
+        membership = _membership(room, user) if user is not None and user.is_authenticated else None
+        if membership is not None and membership.banned:
+            return RemovedReason.BANNED, False
+        return RemovedReason.FORBIDDEN, False
+    return None, is_allowed(room, user, send=True)
+
+
+def retract(message_ids: list[int]) -> list[tuple[str, int]]:
+    """Turn messages into tombstones (seqs stay contiguous); returns (room, seq) of each."""
+    rows = list(Message.objects.filter(pk__in=message_ids, retracted=False).select_related("room"))
+    Message.objects.filter(pk__in=[m.pk for m in rows]).update(retracted=True)
+    return [(m.room.slug, m.seq) for m in rows]
 
 
 def can_read(room: Room, user: Any) -> bool:

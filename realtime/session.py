@@ -36,6 +36,7 @@ from realtime.protocol import (
     ErrorCode,
     Frame,
     FrameError,
+    RemovedReason,
     ServerType,
     encode,
     error_frame,
@@ -82,6 +83,7 @@ class Session:
         self.rooms: dict[str, RoomState] = {}
         self.conn_id = uuid.uuid4().hex
         self.hub = broker.get_hub()
+        self.hub.sessions.add(self)
         self._fills: set[asyncio.Task[None]] = set()
         self._handlers: dict[ClientType, Callable[[Frame], Awaitable[None]]] = {
             ClientType.JOIN: self.on_join,
@@ -131,6 +133,7 @@ class Session:
     async def close(self) -> None:
         """Leave every room and stop background work; call when the transport closes."""
         self.closed = True
+        self.hub.sessions.discard(self)
         for task in list(self._fills):
             task.cancel()
         for slug in list(self.rooms):
@@ -308,6 +311,30 @@ class Session:
         if live:
             # Ahead of last_seq + 1: the layer dropped or reordered something.
             self._start_fill(state)
+
+    async def control(self, room: str, message: dict[str, Any]) -> None:
+        """Act on a moderation control for ``room`` (see moderation.py)."""
+        state = self.rooms.get(room)
+        if state is None:
+            return
+        user_ids = message.get("user_ids")  # None: everybody in the room
+        if user_ids is not None and (not self.authenticated or self.user.pk not in user_ids):
+            return
+        if message["op"] == "kick":
+            await self.remove(room, RemovedReason.KICKED)
+            return
+        reason, can_send = await self._db(services.denial, room, self.user)
+        if reason is not None:
+            await self.remove(room, reason)
+        elif self.rooms.get(room) is state:
+            state.can_send = can_send
+
+    async def remove(self, room: str, reason: str) -> None:
+        """Take this connection out of ``room`` and tell the client why."""
+        if room not in self.rooms:
+            return
+        await self._leave_room(room)
+        await self.emit(encode({"type": ServerType.REMOVED, "room": room, "reason": reason}))
 
     async def deliver_ephemeral(self, room: str, frame: str, exclude_user: Any) -> None:
         """Take one broadcast frame outside the timeline (typing)."""

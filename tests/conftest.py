@@ -8,6 +8,8 @@ from channels.layers import get_channel_layer
 from realtime import broker, presence
 from realtime.models import Membership, Room
 
+from .wsclient import Client
+
 
 @pytest.fixture
 def users(django_user_model):
@@ -44,3 +46,18 @@ async def hub():
     current = broker.get_hub()
     yield current
     await current.close()
+
+
+@pytest.fixture
+async def connect():
+    opened = []
+
+    async def make(user):
+        client = Client(user)
+        await client.open()
+        opened.append(client)
+        return client
+
+    yield make
+    for client in opened:
+        await client.close()

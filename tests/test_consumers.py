@@ -6,76 +6,11 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
 
 from realtime import broker, services
-from realtime.consumers import RealtimeConsumer
 from realtime.models import Room
 
+from .wsclient import TIMEOUT, Client, error
+
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("hub")]
-
-TIMEOUT = 5
-
-
-class Client:
-    """A WebsocketCommunicator speaking JSON frames."""
-
-    def __init__(self, user):
-        self.comm = WebsocketCommunicator(RealtimeConsumer.as_asgi(), "/ws/")
-        self.comm.scope["user"] = user
-
-    async def open(self):
-        connected, _ = await self.comm.connect(timeout=TIMEOUT)
-        assert connected
-        hello = await self.recv()
-        assert hello["type"] == "hello"
-        return hello
-
-    async def send(self, **frame):
-        await self.comm.send_to(text_data=json.dumps(frame))
-
-    async def recv(self, skip=("presence_diff",)):
-        """The next frame, passing over presence diffs unless a test asks for them."""
-        for _ in range(100):
-            frame = json.loads(await self.comm.receive_from(timeout=TIMEOUT))
-            if frame["type"] not in skip:
-                return frame
-        raise AssertionError("only skipped frames arrived")
-
-    async def request(self, **frame):
-        await self.send(**frame)
-        return await self.recv()
-
-    async def join(self, room, **extra):
-        ack = await self.request(type="join", room=room, ref="j-" + room, **extra)
-        assert ack["type"] == "ack", ack
-        presence = await self.recv()
-        assert presence["type"] == "presence_state"
-        return ack
-
-    async def messages(self, n):
-        frames = [await self.recv() for _ in range(n)]
-        assert all(f["type"] == "message" for f in frames), frames
-        return frames
-
-    async def assert_usable(self):
-        assert await self.request(type="ping", ref="alive") == {"type": "pong", "ref": "alive"}
-
-    async def close(self):
-        await self.comm.disconnect()
-
-
-@pytest.fixture
-async def connect():
-    opened = []
-
-    async def make(user):
-        client = Client(user)
-        await client.open()
-        opened.append(client)
-        return client
-
-    yield make
-    for client in opened:
-        await client.close()
-
 
 append = database_sync_to_async(services.append_message)
 
@@ -209,16 +144,6 @@ async def test_ping_pong(connect, users):
 # -- errors: every fault gets an error frame and the connection stays usable ---------------
 
 
-def error(code, ref=None):
-    def check(frame):
-        assert frame["type"] == "error", frame
-        assert frame["code"] == code, frame
-        assert isinstance(frame["message"], str) and frame["message"]
-        assert frame.get("ref") == ref
-
-    return check
-
-
 @pytest.mark.parametrize(
     ("text", "code", "ref"),
     [
@@ -348,6 +273,7 @@ async def test_deleted_message_leaves_no_stall(connect, users, rooms):
     await alice.join("lobby")
     messages = await persist(3, users["bob"])
     await database_sync_to_async(Message.objects.filter(seq=2).delete)()
+    assert await alice.recv() == {"type": "retract", "room": "lobby", "seq": 2}
     last = messages[-1]
     await broker.publish_message("lobby", last["seq"], services.message_frame(last))
     assert [m["seq"] for m in await alice.messages(2)] == [1, 3]
