@@ -56,9 +56,19 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a connection stays in presence without a heartbeat (a crashed process's users).",
     ),
     Setting(
+        "REALTIME_METRICS_TOKEN",
+        "",
+        "Bearer token that may read /realtime/metrics besides staff users; empty: staff only.",
+    ),
+    Setting(
         "REALTIME_GAP_FILL_BATCH",
         500,
         "Messages read from the database per query when a session fills a sequence gap.",
+    ),
+    Setting(
+        "REALTIME_API_KEY",
+        "",
+        "Server key for POST /realtime/api/publish (Authorization: Bearer); empty disables it.",
     ),
 )
 
@@ -76,6 +86,8 @@ class _Conf:
     REALTIME_GROUP_REFRESH: float
     REALTIME_GAP_FILL_BATCH: int
     REALTIME_PRESENCE_TTL: float
+    REALTIME_METRICS_TOKEN: str
+    REALTIME_API_KEY: str
 
     def __getattr__(self, name: str) -> Any:
         if name not in _DEFAULTS:

@@ -13,6 +13,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 from django.db.models import F
 
+from realtime import metrics
 from realtime.conf import conf
 from realtime.errors import Forbidden, RoomNotFound, Unauthorized
 from realtime.models import Membership, Message, Room
@@ -220,4 +221,5 @@ def append_message(
             )
     except _Duplicate as dup:
         return AppendResult(message_dict(dup.message, slug), created=False)
+    metrics.MESSAGES_PERSISTED.inc()
     return AppendResult(message_dict(message, slug), created=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
-from realtime import broker, presence, services
+from realtime import broker, metrics, presence, services
 from realtime.conf import conf
 from realtime.errors import (
     AlreadyJoined,
@@ -77,13 +78,14 @@ class Session:
 
     def __init__(self, user: Any, emit: Emit, close: Close) -> None:
         self.user = user
-        self.emit = emit
+        self._transport_emit = emit
         self._close_transport = close
         self.closed = False
         self.rooms: dict[str, RoomState] = {}
         self.conn_id = uuid.uuid4().hex
         self.hub = broker.get_hub()
         self.hub.sessions.add(self)
+        metrics.CONNECTIONS.inc()
         self._fills: set[asyncio.Task[None]] = set()
         self._handlers: dict[ClientType, Callable[[Frame], Awaitable[None]]] = {
             ClientType.JOIN: self.on_join,
@@ -93,6 +95,11 @@ class Session:
             ClientType.HISTORY: self.on_history,
             ClientType.PING: self.on_ping,
         }
+
+    async def emit(self, text: str) -> None:
+        """Write one encoded frame to the transport."""
+        metrics.count_out(text)
+        await self._transport_emit(text)
 
     @property
     def authenticated(self) -> bool:
@@ -117,21 +124,32 @@ class Session:
         try:
             frame = parse(text, conf.REALTIME_MAX_PAYLOAD_BYTES)
             ref = frame.ref
+            metrics.FRAMES_IN.labels(frame.type).inc()
             await self._handlers[frame.type](frame)
         except FrameError as exc:
-            await self.emit(error_frame(exc.code, exc.message, exc.ref))
+            metrics.FRAMES_IN.labels("invalid").inc()
+            await self._error(exc.code, exc.message, exc.ref)
         except RealtimeError as exc:
-            await self.emit(error_frame(exc.code, exc.message, ref, exc.retry_after))
+            await self._error(exc.code, exc.message, ref, exc.retry_after)
         except Exception:
             logger.exception("realtime: unexpected error handling a frame")
-            await self.emit(error_frame(ErrorCode.INTERNAL, "internal error", ref))
+            await self._error(ErrorCode.INTERNAL, "internal error", ref)
+
+    async def _error(
+        self, code: str, message: str, ref: str | None, retry_after: float | None = None
+    ) -> None:
+        metrics.ERRORS.labels(code).inc()
+        await self.emit(error_frame(code, message, ref, retry_after))
 
     async def receive_binary(self) -> None:
         """Binary frames are not part of protocol v1."""
-        await self.emit(error_frame(ErrorCode.BAD_FRAME, "binary frames are not supported"))
+        metrics.FRAMES_IN.labels("binary").inc()
+        await self._error(ErrorCode.BAD_FRAME, "binary frames are not supported", None)
 
     async def close(self) -> None:
         """Leave every room and stop background work; call when the transport closes."""
+        if not self.closed:
+            metrics.CONNECTIONS.dec()
         self.closed = True
         self.hub.sessions.discard(self)
         for task in list(self._fills):
@@ -210,6 +228,7 @@ class Session:
             await self.emit(services.message_frame(message))
         state.last_seq = result.head
         state.can_send = result.can_send
+        metrics.JOINS.inc()
         await self._drain_or_abort(state)
 
     async def on_leave(self, frame: Frame) -> None:
@@ -227,6 +246,7 @@ class Session:
         if not self.authenticated:
             raise Unauthorized()
         state.holds += 1
+        started = time.perf_counter()
         try:
             result = await self._db(
                 services.append_message, frame.room, self.user, frame.payload, frame.client_msg_id
@@ -243,6 +263,7 @@ class Session:
                 # returns this message; the others get it by gap fill or replay meanwhile.
                 logger.warning("realtime: broadcast of %s#%s failed", frame.room, message["seq"])
                 raise Unavailable("could not broadcast; retry with the same client_msg_id") from exc
+            metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
             ack = {
                 "type": ServerType.ACK,
                 "room": frame.room,
@@ -369,6 +390,8 @@ class Session:
         """Close the transport with ``code`` (once) and leave every room."""
         if self.closed:
             return
+        if code == CloseCode.SLOW_CONSUMER:
+            metrics.SLOW_CONSUMER_CLOSES.inc()
         await self.close()
         await self._close_transport(code)
 
@@ -390,6 +413,7 @@ class Session:
                 return
             upto = min(state.pending) - 1
             upto = min(upto, state.last_seq + conf.REALTIME_GAP_FILL_BATCH)
+            metrics.GAP_FILLS.inc()
             missed = await self._db(services.messages_between, state.slug, state.last_seq, upto)
             for message in missed:
                 if message["seq"] > state.last_seq:

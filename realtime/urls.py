@@ -2,10 +2,11 @@ from __future__ import annotations
 
 from django.urls import path
 
-from realtime import views
+from realtime import metrics, views
 
 app_name = "realtime"
 
 urlpatterns = [
     path("api/rooms/", views.rooms, name="rooms"),
+    path("metrics", metrics.metrics_view, name="metrics"),
 ]
