@@ -9,6 +9,7 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from realtime.conf import SETTINGS, conf
 from realtime.layers import BRPOP_TIMEOUT
+from realtime.ratelimit import parse_rate
 
 # (setting, type, minimum)
 _NUMERIC: dict[str, tuple[type | tuple[type, ...], int]] = {
@@ -89,6 +90,14 @@ def check_channel_layer(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
     return messages
 
 
+def _is_rate(value: object) -> bool:
+    try:
+        parse_rate(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _describe(host: object) -> str:
     if isinstance(host, dict):
         return str(host.get("address", "(dict)"))
@@ -107,6 +116,8 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
             expected = f"a number >= {minimum}"
         elif isinstance(setting.default, bool):
             ok, expected = isinstance(value, bool), "True or False"
+        elif setting.name.endswith("_RATE"):
+            ok, expected = _is_rate(value), "a rate string such as '20/10s'"
         else:
             ok, expected = isinstance(value, type(setting.default)), type(setting.default).__name__
         if not ok:

@@ -61,6 +61,11 @@ SETTINGS: tuple[Setting, ...] = (
         "Bearer token that may read /realtime/metrics besides staff users; empty: staff only.",
     ),
     Setting(
+        "REALTIME_TYPING_RATE",
+        "5/10s",
+        "Typing frames one user may send, across rooms and processes (a rate string).",
+    ),
+    Setting(
         "REALTIME_GAP_FILL_BATCH",
         500,
         "Messages read from the database per query when a session fills a sequence gap.",
@@ -87,6 +92,7 @@ class _Conf:
     REALTIME_GAP_FILL_BATCH: int
     REALTIME_PRESENCE_TTL: float
     REALTIME_METRICS_TOKEN: str
+    REALTIME_TYPING_RATE: str
     REALTIME_API_KEY: str
 
     def __getattr__(self, name: str) -> Any:

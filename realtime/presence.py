@@ -25,9 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from django.conf import settings
-
-from realtime import broker
+from realtime import broker, store
 from realtime.conf import conf
 from realtime.protocol import ServerType, encode
 
@@ -301,42 +299,18 @@ class RedisBackend:
         return {room: int(n) for room, n in zip(rooms, results, strict=True)}
 
 
-def _redis_host() -> dict[str, Any] | None:
-    """The first Redis host of the realtime channel layer, if it is channels-redis."""
-    layer = getattr(settings, "CHANNEL_LAYERS", {}).get(conf.REALTIME_CHANNEL_LAYER, {})
-    if not str(layer.get("BACKEND", "")).startswith("channels_redis"):
-        return None
-    hosts = layer.get("CONFIG", {}).get("hosts") or [("localhost", 6379)]
-    host = hosts[0]
-    if isinstance(host, str):
-        return {"address": host}
-    if isinstance(host, dict):
-        return dict(host)
-    return {"host": host[0], "port": host[1]}
-
-
 _memory = MemoryBackend()
-_redis: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RedisBackend] = (
-    weakref.WeakKeyDictionary()
-)
+_redis: weakref.WeakKeyDictionary[Any, RedisBackend] = weakref.WeakKeyDictionary()
 
 
 def get_backend() -> Backend:
     """The presence backend for the running loop (Redis clients are bound to a loop)."""
-    host = _redis_host()
-    if host is None:
+    client = store.async_client()
+    if client is None:
         return _memory
-    loop = asyncio.get_running_loop()
-    backend = _redis.get(loop)
+    backend = _redis.get(client)
     if backend is None:
-        import redis.asyncio as aioredis
-
-        host.setdefault("socket_timeout", 10)
-        if "address" in host:
-            client = aioredis.Redis.from_url(host.pop("address"), **host)
-        else:
-            client = aioredis.Redis(**host)
-        backend = _redis[loop] = RedisBackend(client)
+        backend = _redis[client] = RedisBackend(client)
     return backend
 
 
@@ -405,21 +379,9 @@ async def _publish_stats(
         await backend.client.expire(STATS_KEY, int(conf.REALTIME_PRESENCE_TTL * 10))
 
 
-def _sync_client() -> Any:
-    host = _redis_host()
-    if host is None:
-        return None
-    import redis
-
-    host.setdefault("socket_timeout", 5)
-    if "address" in host:
-        return redis.Redis.from_url(host.pop("address"), **host)
-    return redis.Redis(**host)
-
-
 def process_stats() -> list[dict[str, Any]]:
     """Live totals of every process seen within the presence TTL (sync, for the admin)."""
-    client = _sync_client()
+    client = store.sync_client()
     if client is None:
         rows = list(_local_stats.values())
     else:
@@ -431,7 +393,7 @@ def process_stats() -> list[dict[str, Any]]:
 
 def online_counts(rooms: list[str]) -> dict[str, int]:
     """Users online per room (sync, for the admin)."""
-    client = _sync_client()
+    client = store.sync_client()
     if client is None:
         return {
             room: len({uid for uid, _ in _memory.conns.get(room, {}).values()}) for room in rooms

@@ -20,12 +20,13 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
-from realtime import broker, metrics, presence, services
+from realtime import broker, metrics, presence, ratelimit, services
 from realtime.conf import conf
 from realtime.errors import (
     AlreadyJoined,
     Forbidden,
     NotJoined,
+    RateLimited,
     RealtimeError,
     Unauthorized,
     Unavailable,
@@ -286,6 +287,13 @@ class Session:
             raise Unauthorized()
         if not state.can_send:
             raise Forbidden("you may not post in this room")
+        rate = ratelimit.parse_rate(conf.REALTIME_TYPING_RATE)
+        try:
+            retry_after = await ratelimit.get_limiter().hit(f"typing:{self.user.pk}", rate)
+        except Exception as exc:
+            raise Unavailable() from exc
+        if retry_after is not None:
+            raise RateLimited(f"at most {rate} typing frames", retry_after=round(retry_after, 3))
         sender = services.user_info(self.user)
         typing = encode({"type": ServerType.TYPING, "room": frame.room, "sender": sender})
         try:

@@ -31,6 +31,7 @@ def test_e002_layer_missing(settings):
         ("REALTIME_ALLOW_ANONYMOUS_READ", "yes"),
         ("REALTIME_CHANNEL_LAYER", 3),
         ("REALTIME_GAP_FILL_BATCH", 0),
+        ("REALTIME_TYPING_RATE", "fast"),
     ],
 )
 def test_e003_malformed_setting(settings, name, value):

@@ -416,3 +416,19 @@ async def test_anonymous_readers_are_not_in_presence(connect, users, rooms, sett
     anon = await connect(AnonymousUser())
     state = await join_with_presence(anon, "lobby")
     assert state["users"] == []
+
+
+async def test_typing_is_rate_limited_per_user(connect, users, rooms, settings):
+    settings.REALTIME_TYPING_RATE = "2/60s"
+    alice, alice_tab = await connect(users["alice"]), await connect(users["alice"])
+    bob = await connect(users["bob"])
+    for client in (alice, alice_tab, bob):
+        await client.join("lobby")
+    await alice.send(type="typing", room="lobby")
+    await alice_tab.send(type="typing", room="lobby")  # the same user: shares the limit
+    refused = await alice.request(type="typing", room="lobby", ref="t3")
+    error("rate_limited", "t3")(refused)
+    assert 0 < refused["retry_after"] <= 30
+    typing = [await bob.recv(), await bob.recv()]
+    assert [f["type"] for f in typing] == ["typing", "typing"]
+    await bob.assert_usable()  # the third one was not relayed
