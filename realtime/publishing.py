@@ -22,9 +22,9 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import SyncToAsync, async_to_sync
 from channels.db import database_sync_to_async
@@ -39,6 +39,7 @@ from realtime.protocol import ErrorCode, FrameError, check_payload, encode, is_v
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # Longest a broadcast may take before publish() gives up with Unavailable.
 BROADCAST_TIMEOUT = 10.0
@@ -179,18 +180,27 @@ def _server_loop() -> asyncio.AbstractEventLoop | None:
     return None
 
 
+def run_sync(fn: Callable[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run ``await fn(*args, **kwargs)`` from sync code, on the loop publish() uses.
+
+    That is the ASGI server's loop when called from a request it serves, else this process's
+    publisher loop (waiting at most BROADCAST_TIMEOUT + 1 s there; Unavailable after that).
+    """
+    _require_sync(getattr(fn, "__name__", "run_sync"))
+    if _server_loop() is not None:
+        # Runs on the server's loop, whose connection pool lives as long as the server.
+        return async_to_sync(fn)(*args, **kwargs)
+    try:
+        return _publisher.run(fn(*args, **kwargs), BROADCAST_TIMEOUT + 1)
+    except TimeoutError as exc:
+        raise Unavailable("the realtime publisher loop did not answer in time") from exc
+
+
 def broadcast(message: dict[str, Any]) -> None:
     """Broadcast a stored message (a services.message_dict) from sync code; Unavailable on
     failure."""
     _require_sync("broadcast")
-    if _server_loop() is not None:
-        # Runs on the server's loop, whose connection pool lives as long as the server.
-        async_to_sync(_broadcast)(message)
-        return
-    try:
-        _publisher.run(_broadcast(message), BROADCAST_TIMEOUT + 1)
-    except TimeoutError as exc:
-        raise Unavailable("the broadcast timed out") from exc
+    run_sync(_broadcast, message)
 
 
 def _require_sync(name: str) -> None:
@@ -198,7 +208,10 @@ def _require_sync(name: str) -> None:
         asyncio.get_running_loop()
     except RuntimeError:
         return
-    raise RuntimeError(f"{name}() is for sync code; in async code use `await apublish(...)`")
+    raise RuntimeError(
+        f"{name}() is for sync code, but an event loop is running in this thread; "
+        "in async code use `await apublish(...)`"
+    )
 
 
 def _broadcast_on_commit(message: dict[str, Any]) -> None:
