@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export HOST PORT
 
-.PHONY: run test lint venv deps dev-deps system-deps migrate seed clean
+.PHONY: run test lint venv deps dev-deps system-deps migrate seed clean wheel
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ lint: dev-deps
 
 test: dev-deps system-deps lint
 	$(BIN)/python -m pytest
+
+# The distributable wheel in dist/; build/ goes first so that no stale module ships.
+wheel: | $(BIN)/python
+	rm -rf build
+	$(BIN)/python -m pip wheel --quiet --no-deps -w dist .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterator
 from typing import Any
 
+from django.apps import apps
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.utils.module_loading import import_string
 
 from realtime.conf import SETTINGS, conf
 from realtime.layers import BRPOP_TIMEOUT
 from realtime.ratelimit import parse_rate
 
-# (setting, type, minimum)
+# (setting, type, minimum); docs/settings.md states each minimum (tests/test_docs.py).
 _NUMERIC: dict[str, tuple[type | tuple[type, ...], int]] = {
     "REALTIME_MAX_PAYLOAD_BYTES": (int, 256),
     "REALTIME_RECOVERY_LIMIT": (int, 0),
@@ -25,24 +29,52 @@ CHECK_IDS = (
     "realtime.E001",
     "realtime.E002",
     "realtime.E003",
+    "realtime.E004",
+    "realtime.E005",
+    "realtime.E006",
     "realtime.W001",
     "realtime.W002",
     "realtime.W003",
+    "realtime.W004",
+    "realtime.W005",
+    "realtime.W006",
+    "realtime.W007",
+)
+
+_ASGI_HINT = (
+    "In asgi.py: application = realtime.routing.get_asgi_application(django_asgi_app); "
+    "see docs/installation.md."
 )
 
 
 @register(Tags.compatibility)
 def check_installed_apps(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
-    """channels must be installed for the WebSocket routes and the channel layer."""
-    if "channels" in settings.INSTALLED_APPS:
-        return []
-    return [
-        Error(
-            "'channels' is not in INSTALLED_APPS.",
-            hint="Add 'channels' (and 'daphne', first, to serve with runserver) to INSTALLED_APPS.",
-            id="realtime.E001",
+    """channels must be installed; daphne should come before staticfiles for runserver."""
+    messages: list[CheckMessage] = []
+    if not apps.is_installed("channels"):
+        messages.append(
+            Error(
+                "'channels' is not in INSTALLED_APPS.",
+                hint="Add 'channels' (and 'daphne', first, to serve with runserver) to "
+                "INSTALLED_APPS.",
+                id="realtime.E001",
+            )
         )
-    ]
+    names = [config.name for config in apps.get_app_configs()]
+    if "daphne" not in names:
+        problem = "'daphne' is not in INSTALLED_APPS"
+    elif "django.contrib.staticfiles" in names[: names.index("daphne")]:
+        problem = "'daphne' comes after 'django.contrib.staticfiles' in INSTALLED_APPS"
+    else:
+        return messages
+    messages.append(
+        Warning(
+            f"{problem}: runserver serves plain WSGI, without WebSockets.",
+            hint="Put 'daphne' first in INSTALLED_APPS (its runserver serves ASGI).",
+            id="realtime.W004",
+        )
+    )
+    return messages
 
 
 def _layer_config() -> dict[str, Any] | None:
@@ -90,45 +122,60 @@ def check_channel_layer(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
     return messages
 
 
-def _is_rate(value: object) -> bool:
-    try:
-        parse_rate(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def _describe(host: object) -> str:
     if isinstance(host, dict):
         return str(host.get("address", "(dict)"))
     return "(url string)" if isinstance(host, str) else repr(type(host))
 
 
+def _valid(name: str, default: Any, value: Any) -> tuple[bool, str]:
+    """(is ``value`` acceptable for setting ``name``, what is expected)."""
+    if name in _NUMERIC:
+        kind, minimum = _NUMERIC[name]
+        ok = isinstance(value, kind) and not isinstance(value, bool) and value >= minimum
+        return ok, f"a number >= {minimum}"
+    if isinstance(default, bool):
+        return isinstance(value, bool), "True or False"
+    if name.endswith("_RATE"):
+        try:
+            parse_rate(value)
+        except (TypeError, ValueError):
+            return False, "a rate string such as '20/10s'"
+        return True, "a rate string"
+    if default is None:  # optional: any value is the owning module's business
+        return True, "any value"
+    return isinstance(value, type(default)), type(default).__name__
+
+
 @register(Tags.compatibility)
 def check_settings(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
-    """Every REALTIME_* setting has the right type and range."""
-    errors: list[CheckMessage] = []
+    """Every REALTIME_* setting has the right type and range, and its name is known."""
+    messages: list[CheckMessage] = []
     for setting in SETTINGS:
         value = getattr(conf, setting.name)
-        if setting.name in _NUMERIC:
-            kind, minimum = _NUMERIC[setting.name]
-            ok = isinstance(value, kind) and not isinstance(value, bool) and value >= minimum
-            expected = f"a number >= {minimum}"
-        elif isinstance(setting.default, bool):
-            ok, expected = isinstance(value, bool), "True or False"
-        elif setting.name.endswith("_RATE"):
-            ok, expected = _is_rate(value), "a rate string such as '20/10s'"
-        else:
-            ok, expected = isinstance(value, type(setting.default)), type(setting.default).__name__
+        ok, expected = _valid(setting.name, setting.default, value)
         if not ok:
-            errors.append(
+            messages.append(
                 Error(
                     f"{setting.name} = {value!r} is invalid: expected {expected}.",
                     hint=setting.doc,
                     id="realtime.E003",
                 )
             )
-    return errors
+    known = [setting.name for setting in SETTINGS]
+    for name in sorted(n for n in dir(settings) if n.startswith("REALTIME_")):
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            messages.append(
+                Warning(
+                    f"{name} is not a realtime setting; realtime ignores it.",
+                    hint=f"Did you mean {close[0]}?"
+                    if close
+                    else "The settings are listed in docs/settings.md.",
+                    id="realtime.W007",
+                )
+            )
+    return messages
 
 
 @register(Tags.compatibility)
@@ -148,3 +195,120 @@ def check_sqlite(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
             id="realtime.W003",
         )
     ]
+
+
+# -- the ASGI application ------------------------------------------------------------------
+
+# Attributes under which ASGI middleware keeps the application it wraps: channels'
+# BaseMiddleware and session/cookie middleware (inner), OriginValidator and Django's
+# ASGIStaticFilesHandler (application), and the Starlette-style convention (app).
+_WRAPPED = ("inner", "application", "app")
+_MAX_NODES = 10_000
+
+
+def _children(node: Any) -> list[Any]:
+    from channels.routing import ProtocolTypeRouter, URLRouter
+
+    if isinstance(node, ProtocolTypeRouter):
+        # Only WebSocket routes matter here; HTTP is the project's own business.
+        websocket = node.application_mapping.get("websocket")
+        return [] if websocket is None else [websocket]
+    if isinstance(node, URLRouter):
+        return [route.callback for route in node.routes]
+    return [child for attr in _WRAPPED if (child := getattr(node, attr, None)) is not None]
+
+
+def _consumer_chains(root: Any) -> Iterator[tuple[Any, ...]]:
+    """Each chain of routers and middleware from ``root`` down to a RealtimeConsumer route."""
+    from realtime.consumers import RealtimeConsumer
+
+    stack: list[tuple[Any, ...]] = [(root,)]
+    visited = 0
+    while stack and visited < _MAX_NODES:
+        visited += 1
+        chain = stack.pop()
+        node = chain[-1]
+        if any(node is outer for outer in chain[:-1]):
+            continue  # a cycle; one shared route reached by two chains is checked twice
+        consumer = getattr(node, "consumer_class", None)
+        if isinstance(consumer, type) and issubclass(consumer, RealtimeConsumer):
+            yield chain
+            continue
+        stack.extend((*chain, child) for child in reversed(_children(node)))
+
+
+def _is_auth(node: Any) -> bool:
+    from channels.auth import AuthMiddleware
+
+    return isinstance(node, AuthMiddleware) or type(node).__module__ == "realtime.auth"
+
+
+@register(Tags.compatibility)
+def check_asgi_application(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
+    """ASGI_APPLICATION routes /ws/ to realtime behind an Origin check and authentication."""
+    from channels.security.websocket import OriginValidator
+
+    path = getattr(settings, "ASGI_APPLICATION", None)
+    if not path:
+        return [
+            Error(
+                "ASGI_APPLICATION is not set: realtime's WebSocket routes are served only "
+                "through an ASGI application.",
+                hint='Set ASGI_APPLICATION = "mysite.asgi.application". ' + _ASGI_HINT,
+                id="realtime.E004",
+            )
+        ]
+    try:
+        application = import_string(path)
+    except Exception as exc:
+        return [
+            Error(
+                f"ASGI_APPLICATION {path!r} cannot be imported: {type(exc).__name__}: {exc}",
+                hint="Fix the dotted path or the error in that module. " + _ASGI_HINT,
+                id="realtime.E005",
+            )
+        ]
+    chains = list(_consumer_chains(application))
+    if not chains:
+        return [
+            Error(
+                f"ASGI_APPLICATION {path!r} does not route WebSocket connections to "
+                "realtime's consumer.",
+                hint=_ASGI_HINT + " A custom wrapper must keep the application it wraps in "
+                "an .inner, .application or .app attribute for this check to see through it.",
+                id="realtime.E006",
+            )
+        ]
+    messages: list[CheckMessage] = []
+    validators = [n for chain in chains for n in chain if isinstance(n, OriginValidator)]
+    if not all(any(isinstance(n, OriginValidator) for n in chain) for chain in chains):
+        messages.append(
+            Warning(
+                f"ASGI_APPLICATION {path!r} routes WebSocket connections to realtime without "
+                "an Origin check: any web page can open one with its visitors' session cookie.",
+                hint="Wrap the routes in channels' AllowedHostsOriginValidator, as "
+                "realtime.routing.get_asgi_application() does.",
+                id="realtime.W005",
+            )
+        )
+    elif any("*" in getattr(v, "allowed_origins", ()) for v in validators):
+        messages.append(
+            Warning(
+                f"ASGI_APPLICATION {path!r} checks the WebSocket Origin against '*': any web "
+                "page can open a connection with its visitors' session cookie.",
+                hint="List your hosts in ALLOWED_HOSTS instead of '*' (the Origin check of "
+                "realtime.routing.get_asgi_application() uses ALLOWED_HOSTS).",
+                id="realtime.W005",
+            )
+        )
+    if not all(any(_is_auth(n) for n in chain) for chain in chains):
+        messages.append(
+            Warning(
+                f"ASGI_APPLICATION {path!r} routes WebSocket connections to realtime without "
+                "authentication middleware: every connection is anonymous.",
+                hint="Wrap the routes in channels' AuthMiddlewareStack, as "
+                "realtime.routing.get_asgi_application() does.",
+                id="realtime.W006",
+            )
+        )
+    return messages

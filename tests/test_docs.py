@@ -24,17 +24,33 @@ def test_every_check_id_used_in_code_is_declared():
     assert used == set(checks.CHECK_IDS)
 
 
-def test_settings_doc_lists_every_setting_with_its_default():
+def settings_rows():
+    """{setting: (default cell, description cell)} of the table in docs/settings.md."""
     rows = {}
     for line in read("docs/settings.md").splitlines():
         cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
         if len(cells) >= 3 and cells[0].startswith("REALTIME_"):
-            rows[cells[0]] = cells[1]
+            assert cells[0] not in rows, f"{cells[0]} has two rows"
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def test_settings_doc_lists_every_setting_with_its_default():
+    rows = settings_rows()
     assert sorted(rows) == sorted(s.name for s in SETTINGS)
     for setting in SETTINGS:
-        documented = rows[setting.name]
+        documented = rows[setting.name][0]
         expected = json.dumps(setting.default) if isinstance(setting.default, str) else None
         assert documented in {str(setting.default), expected}, setting.name
+
+
+def test_settings_doc_states_the_bounds_that_check_e003_enforces():
+    rows = settings_rows()
+    for name, (kind, minimum) in checks._NUMERIC.items():
+        description = rows[name][1]
+        assert f"Minimum {minimum}." in description or f"Minimum {minimum};" in description, name
+        takes_float = float in (kind if isinstance(kind, tuple) else (kind,))
+        assert ("int or float" in description) == takes_float, name
 
 
 def test_protocol_doc_has_an_example_of_every_frame_type():
@@ -74,3 +90,16 @@ def test_repo_has_no_machine_paths():
         if path.is_file() and "/" + "work/" in path.read_text(encoding="utf-8", errors="replace"):
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+def test_readme_install_summary_uses_the_lines_of_the_installation_guide():
+    readme = read("README.md")
+    section = readme.split("## Add realtime to your existing project", 1)[1].split("\n## ", 1)[0]
+    guide = read("docs/installation.md")
+    blocks = re.findall(r"^```python\n(.*?)^```$", section, re.M | re.S)
+    assert blocks
+    lines = [line for block in blocks for line in block.splitlines()]
+    code = [line for line in lines if line.strip() and not line.startswith("#")]
+    assert [line for line in code if line not in guide] == []
+    commands = re.findall(r"`((?:pip|python|daphne) [^`]+)`", section)
+    assert commands and [c for c in commands if c not in guide] == []
