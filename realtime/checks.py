@@ -142,6 +142,13 @@ def _valid(name: str, default: Any, value: Any) -> tuple[bool, str]:
         except (TypeError, ValueError):
             return False, "a rate string such as '20/10s'"
         return True, "a rate string"
+    if name.endswith(("_KEY", "_TOKEN")):
+        # Sent in an Authorization header and compared exactly: whitespace (a stray newline
+        # from a file) or non-ASCII characters would make every request fail.
+        ok = isinstance(value, str) and (
+            value == "" or (value.isascii() and value.isprintable() and " " not in value)
+        )
+        return ok, "a str of printable ASCII characters without spaces (or empty)"
     if default is None:  # optional: any value is the owning module's business
         return True, "any value"
     return isinstance(value, type(default)), type(default).__name__

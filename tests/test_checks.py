@@ -119,6 +119,11 @@ def test_w003_sqlite_without_immediate_transactions(settings, monkeypatch):
         ("REALTIME_CHANNEL_LAYER", 3),
         ("REALTIME_GAP_FILL_BATCH", 0),
         ("REALTIME_TYPING_RATE", "fast"),
+        ("REALTIME_TYPING_RATE", 5),
+        ("REALTIME_API_KEY", "secret-key\n"),
+        ("REALTIME_API_KEY", "two words"),
+        ("REALTIME_API_KEY", None),
+        ("REALTIME_METRICS_TOKEN", "t\u00f6ken"),
         ("REALTIME_GROUP_REFRESH", 0.5),
         ("REALTIME_PRESENCE_TTL", "20"),
     ],
@@ -127,6 +132,13 @@ def test_e003_malformed_setting(settings, name, value):
     setattr(settings, name, value)
     (message,) = messages("realtime.E003")
     assert message.msg.startswith(f"{name} = {value!r} is invalid")
+
+
+@pytest.mark.parametrize("value", ["", "k3y-With.Symbols_~+/=", "x" * 200])
+def test_e003_accepts_header_safe_keys(settings, value):
+    settings.REALTIME_API_KEY = value
+    settings.REALTIME_METRICS_TOKEN = value
+    assert "realtime.E003" not in ids()
 
 
 def test_e003_accepts_a_float_where_documented(settings):

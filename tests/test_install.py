@@ -163,8 +163,7 @@ def test_dependencies_cover_every_third_party_import():
         if module in sys.stdlib_module_names or module in {"realtime", "__future__"}:
             continue
         provided_by = {_canonical(d) for d in distributions.get(module, [module])}
-        # asgiref comes with Django and channels, which require it.
-        if not provided_by & (declared | {"asgiref"}):
+        if not provided_by & declared:
             missing[module] = sorted(provided_by)
     assert missing == {}, f"imported but not in pyproject dependencies: {missing}"
 
