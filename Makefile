@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export HOST PORT
 
-.PHONY: run test lint venv deps dev-deps system-deps migrate seed clean wheel
+.PHONY: run serve serve-deps test lint venv deps dev-deps system-deps migrate seed clean wheel
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,16 @@ deps: $(VENV)/.deps
 dev-deps: $(VENV)/.dev-deps
 
 # Debian packages the tests need (a private redis-server); installed only when missing.
-system-deps:
+system-deps: serve-deps
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "installing redis-server"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+# `make serve` and the deployment tests run nginx (Debian package); installed only when missing.
+serve-deps:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+		echo "installing nginx"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
 
 migrate: deps
 	$(BIN)/python manage.py migrate --noinput
@@ -40,6 +46,13 @@ seed: migrate
 run: seed
 	@echo "Serving on http://$(HOST):$(PORT)/  (channel layer: $${REDIS_URL:-in-memory})"
 	$(BIN)/daphne -b $(HOST) -p $(PORT) project.asgi:application
+
+# The deployed topology on loopback: Redis (unless REDIS_URL), DAPHNES daphne processes and
+# nginx on HOST:PORT, from the files in deploy/ (see docs/deployment.md). Ctrl-C stops it all.
+DAPHNES ?= 2
+serve: deps serve-deps
+	@command -v redis-server >/dev/null 2>&1 || test -n "$$REDIS_URL" || $(MAKE) system-deps
+	DAPHNES=$(DAPHNES) $(BIN)/python deploy/serve.py
 
 lint: dev-deps
 	$(BIN)/ruff check .

@@ -5,6 +5,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from project import views
+from realtime.health import healthz
 
 urlpatterns = [
     path("", views.room_list, name="room-list"),
@@ -13,4 +14,5 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("realtime/", include("realtime.urls")),
+    path("healthz", healthz, name="healthz"),
 ]

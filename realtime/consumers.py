@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from realtime import drain
+from realtime.protocol import CloseCode
 from realtime.session import Session
 
 # No alias of that name exists, so channels gives the consumer no channel of its own: all
@@ -19,6 +23,30 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 
     channel_layer_alias = _NO_LAYER
     session: Session | None = None
+    _closing = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self._gone = asyncio.Event()
+
+        async def receive_watching() -> Any:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                self._gone.set()
+            return message
+
+        try:
+            await super().__call__(scope, receive_watching, send)
+        except asyncio.CancelledError:
+            if not drain.draining():
+                raise
+            # daphne cancels every application as it shuts down; when that shutdown is a
+            # drain, close with 1012 and let the client finish the close handshake first.
+            await self._go(CloseCode.RESTARTING)
+            await self._await_disconnect(receive_watching)
+            raise
+        finally:
+            drain.unregister(self)
+            self._gone.set()
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # channels >= 4.2 hops to a thread (aclose_old_connections) before every handler;
@@ -27,6 +55,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 
     async def connect(self) -> None:
         await self.accept()
+        if drain.draining():
+            await self.close(code=CloseCode.RESTARTING)
+            return
+        drain.install()
+        drain.register(self)
         self.session = Session(self.scope.get("user"), self._emit, self._close)
         await self.session.start()
 
@@ -38,11 +71,35 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             await self.session.receive_text(text_data)
 
     async def disconnect(self, code: int) -> None:
+        drain.unregister(self)
         if self.session is not None:
             await self.session.close()
+
+    async def drain(self, code: int) -> None:
+        """Close with ``code`` (graceful drain, see drain.py); returns once the client is gone."""
+        await self._go(code)
+        await self._gone.wait()
+
+    async def _go(self, code: int) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        # The close frame first: leaving the rooms may wait on Redis.
+        await self.close(code=int(code))
+        if self.session is not None:
+            await self.session.close()
+
+    async def _await_disconnect(self, receive: Any) -> None:
+        # Bounded: autobahn drops a peer that does not answer the close within its timeout.
+        # The disconnect may already have been read (and dropped by the cancelled dispatch
+        # loop): receive() noted it in _gone.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain.DRAIN_TIMEOUT):
+                while not self._gone.is_set():
+                    await receive()
 
     async def _emit(self, text: str) -> None:
         await self.send(text_data=text)
 
     async def _close(self, code: int) -> None:
-        await self.close(code=code)
+        await self.close(code=int(code))

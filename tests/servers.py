@@ -8,21 +8,30 @@ test can show the log and check it for tracebacks.
 
 Use the context managers (``running_redis``, ``running_daphne``, ``realtime_stack``) from
 fixtures; every one stops what it started on the way out, failures included.
+
+The deployment tier (``deployed_stack``) runs the shipped topology instead: a private Redis, a
+fresh PostgreSQL database per stack (copied from a migrated, seeded template database), daphne
+processes started with the command line of deploy/systemd/realtime-daphne@.service, and nginx
+running the rendered deploy/nginx templates in front of them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.cookiejar
+import importlib.util
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +145,19 @@ class Process:
         if code is not None:
             raise ServerError(f"{self.name} (pid {self.pid}) exited with {code}:\n{self.log()}")
 
+    def kill(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGKILL this process (a crash) and reap it; its exit status."""
+        self.popen.kill()
+        return self.popen.wait(timeout)
+
+    def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM this process and wait for it to exit by itself; its exit status."""
+        self.popen.terminate()
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise ServerError(f"{self.name} still running {timeout} s after SIGTERM") from exc
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Terminate this process (and only it); kill it if it ignores SIGTERM."""
         try:
@@ -193,6 +215,35 @@ def redis_ping(port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+def _start_redis(binary: str, workdir: Path, port: int) -> Process:
+    return start_process(
+        f"redis-server:{port}",
+        [
+            binary,
+            "--bind",
+            LOOPBACK,
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        workdir / f"redis-{port}.log",
+        cwd=workdir,
+    )
+
+
+def restart_redis_empty(redis: RedisServer, workdir: Path) -> None:
+    """Start a new, empty redis-server on ``redis``'s port (the old one must have exited)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    process = _start_redis(find_redis_server(), workdir, redis.port)
+    redis.process = process
+    wait_until(lambda: redis_ping(redis.port), process.name, alive=process.assert_alive)
+
+
 @contextlib.contextmanager
 def running_redis(workdir: Path, attempts: int = 3) -> Iterator[RedisServer]:
     """A private, non-persistent redis-server on a free loopback port."""
@@ -201,24 +252,7 @@ def running_redis(workdir: Path, attempts: int = 3) -> Iterator[RedisServer]:
     last_error: Exception | None = None
     for attempt in range(attempts):
         port = free_port()
-        process = start_process(
-            f"redis-server:{port}",
-            [
-                binary,
-                "--bind",
-                LOOPBACK,
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            workdir / f"redis-{port}.log",
-            cwd=workdir,
-        )
+        process = _start_redis(binary, workdir, port)
         try:
             wait_until(lambda p=port: redis_ping(p), process.name, alive=process.assert_alive)
         except ServerError as exc:
@@ -227,10 +261,11 @@ def running_redis(workdir: Path, attempts: int = 3) -> Iterator[RedisServer]:
             last_error = exc
             print(f"attempt {attempt + 1}: {exc}", file=sys.stderr)
             continue
+        server = RedisServer(process=process, port=port)
         try:
-            yield RedisServer(process=process, port=port)
+            yield server
         finally:
-            process.stop()
+            server.process.stop()  # restart_redis_empty may have replaced the process
         return
     raise ServerError(f"could not start redis-server after {attempts} attempts: {last_error}")
 
@@ -238,14 +273,18 @@ def running_redis(workdir: Path, attempts: int = 3) -> Iterator[RedisServer]:
 # -- django / daphne -----------------------------------------------------------------------
 
 
-def django_env(database_path: Path, redis_url: str) -> dict[str, str]:
-    """The environment of every Django subprocess: demo settings, our database and Redis."""
+def django_env(database_path: Path | str, redis_url: str) -> dict[str, str]:
+    """The environment of every Django subprocess: demo settings, our database and Redis.
+
+    ``database_path`` is a SQLite file, or a database URL (str).
+    """
+    database_url = database_path if isinstance(database_path, str) else f"sqlite:///{database_path}"
     env = {k: v for k, v in os.environ.items() if k not in _CONTROLLED_ENV}
     env.update(
         # pytest-django exported tests.settings into our own environment; the servers run
         # the demo project's settings, which read the variables below.
         DJANGO_SETTINGS_MODULE="project.settings",
-        DATABASE_URL=f"sqlite:///{database_path}",  # absolute path: sqlite:////tmp/...
+        DATABASE_URL=database_url,  # absolute SQLite path: sqlite:////tmp/...
         REDIS_URL=redis_url,
         ALLOWED_HOSTS=f"{LOOPBACK},localhost",
         DEBUG="1",
@@ -438,3 +477,220 @@ def login(server: DaphneServer, username: str, password: str = DEMO_PASSWORD) ->
             f"login as {username} set no sessionid (ended at {final_url}):\n{body[:2000]}"
         )
     return f"sessionid={session}"
+
+
+# -- the deployed topology: PostgreSQL, daphne per the systemd unit, nginx -----------------
+
+
+def _load_render() -> types.ModuleType:
+    """deploy/render.py (a script directory, not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "realtime_deploy_render", REPO_ROOT / "deploy" / "render.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render = _load_render()
+
+PG_ADMIN_URL = os.environ.get(
+    "REALTIME_TEST_PG_URL", f"postgresql://postgres@{LOOPBACK}:5432/postgres"
+)
+
+
+def _pg_admin() -> object:
+    import psycopg
+
+    try:
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        raise ServerError(
+            f"PostgreSQL is needed at {PG_ADMIN_URL} (set REALTIME_TEST_PG_URL): {exc}"
+        ) from exc
+
+
+def _pg_url(name: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+@contextlib.contextmanager
+def postgres_database(template: str | None = None) -> Iterator[str]:
+    """A new PostgreSQL database (a copy of ``template`` if given); dropped on exit. Its URL."""
+    name = f"realtime_test_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    with _pg_admin() as admin:  # type: ignore[attr-defined]
+        admin.execute(f'CREATE DATABASE "{name}"{clause}')
+        try:
+            yield _pg_url(name)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def seeded_postgres_template() -> Iterator[str]:
+    """A migrated, seeded database to copy per stack (CREATE DATABASE ... TEMPLATE); its name."""
+    with postgres_database() as url:
+        # No Redis is needed to migrate and seed; the URL only has to parse.
+        prepare_database(django_env(url, f"redis://{LOOPBACK}:1/0"))
+        yield url.rsplit("/", 1)[1]
+
+
+def http_json(url: str, timeout: float = HTTP_TIMEOUT) -> tuple[int, dict[str, object]]:
+    """GET a JSON endpoint; (status, decoded body)."""
+    status, body = http_get(url, timeout=timeout)
+    try:
+        decoded = json.loads(body)
+    except ValueError as exc:
+        raise ServerError(f"GET {url}: {status} with a non-JSON body {body[:500]!r}") from exc
+    return status, decoded
+
+
+def _healthy(base_url: str) -> bool:
+    try:
+        status, _ = http_get(f"{base_url}/healthz", timeout=5.0)
+    except OSError:
+        return False
+    return status == 200
+
+
+def start_daphnes(env: dict[str, str], logdir: Path, labels: list[str]) -> list[DaphneServer]:
+    """One daphne per label, run as the systemd unit runs it; returns once all are healthy."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    daphne = str(VENV_BIN / "daphne")
+    started: dict[str, DaphneServer] = {}
+    try:
+        pending = list(labels)
+        for _attempt in range(3):
+            batch = {}
+            for label in pending:
+                port = free_port()
+                process = start_process(
+                    f"daphne-{label}:{port}",
+                    render.daphne_argv(port, daphne),
+                    logdir / f"daphne-{label}-{port}.log",
+                    cwd=REPO_ROOT,
+                    env=env,
+                )
+                batch[label] = DaphneServer(process=process, port=port)
+            pending = []
+            for label, server in batch.items():
+                try:
+                    wait_until(
+                        lambda s=server: _healthy(s.base_url),
+                        server.name,
+                        alive=server.process.assert_alive,
+                    )
+                except ServerError:
+                    server.process.stop()
+                    if "Address already in use" not in server.process.log():
+                        raise
+                    pending.append(label)  # lost a port race: try another port
+                else:
+                    started[label] = server
+            if not pending:
+                return [started[label] for label in labels]
+        raise ServerError(f"could not start daphne {pending}")
+    except BaseException:
+        for server in started.values():
+            server.process.stop()
+        raise
+
+
+@dataclass
+class NginxServer:
+    process: Process
+    port: int
+    prefix: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{LOOPBACK}:{self.port}/ws/"
+
+    def error_log(self) -> str:
+        path = self.prefix / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def find_nginx() -> str:
+    """The nginx binary; fails (never skips) when it is not installed."""
+    path = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.access(path, os.X_OK):
+        raise ServerError(
+            "nginx is not installed: the deployment tier needs it "
+            "(`make system-deps` installs it, or `apt-get install nginx`)"
+        )
+    return path
+
+
+def start_nginx(workdir: Path, upstream_ports: list[int], static_root: Path) -> NginxServer:
+    """nginx running the rendered deploy/nginx templates on a free loopback port."""
+    binary = find_nginx()
+    upstreams = [f"{LOOPBACK}:{port}" for port in upstream_ports]
+    last_error: Exception | None = None
+    for _attempt in range(3):
+        port = free_port()
+        prefix = workdir / f"nginx-{port}"
+        conf = render.write_local_nginx(prefix, upstreams, f"{LOOPBACK}:{port}", str(static_root))
+        process = start_process(
+            f"nginx:{port}",
+            [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+            prefix / "stdout.log",
+            cwd=prefix,
+        )
+        server = NginxServer(process=process, port=port, prefix=prefix)
+        try:
+            wait_until(
+                lambda s=server: _healthy(s.base_url), process.name, alive=process.assert_alive
+            )
+        except ServerError as exc:
+            process.stop()
+            last_error = exc
+            if "Address already in use" not in server.error_log():
+                raise ServerError(f"{exc}\n{server.error_log()}") from exc
+            continue
+        return server
+    raise ServerError(f"could not start nginx: {last_error}")
+
+
+@dataclass
+class DeployedStack:
+    """Private Redis, a PostgreSQL database, daphne processes and nginx in front of them."""
+
+    redis: RedisServer
+    database_url: str
+    env: dict[str, str]
+    servers: list[DaphneServer]
+    nginx: NginxServer
+    workdir: Path
+
+    def processes(self) -> list[Process]:
+        return [self.redis.process, *(s.process for s in self.servers), self.nginx.process]
+
+    def logs(self) -> dict[str, str]:
+        return {s.name: s.process.log() for s in self.servers}
+
+
+@contextlib.contextmanager
+def deployed_stack(workdir: Path, template_db: str, daphnes: int = 2) -> Iterator[DeployedStack]:
+    """The shipped topology on loopback; every process is stopped (by PID) on exit."""
+    logdir = workdir / "logs"
+    static_root = workdir / "static"
+    static_root.mkdir(parents=True, exist_ok=True)
+    with (
+        running_redis(workdir / "redis") as redis,
+        postgres_database(template=template_db) as database_url,
+        contextlib.ExitStack() as stack,
+    ):
+        env = django_env(database_url, redis.url)
+        servers = start_daphnes(env, logdir, [chr(ord("A") + i) for i in range(daphnes)])
+        for server in servers:
+            stack.callback(server.process.stop)
+        nginx = start_nginx(workdir, [s.port for s in servers], static_root)
+        stack.callback(nginx.process.stop)
+        yield DeployedStack(redis, database_url, env, servers, nginx, workdir)
