@@ -18,6 +18,7 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 
 from realtime import moderation, presence
+from realtime.errors import RealtimeError
 from realtime.models import Membership, Message, Room
 
 _page = threading.local()  # online counts of the change list being rendered
@@ -84,10 +85,17 @@ class RoomAdmin(admin.ModelAdmin):
 
         form = AnnouncementForm(request.POST if "apply" in request.POST else None)
         if "apply" in request.POST and form.is_valid():
+            posted = 0
             for room in queryset:
-                message = publish(room.slug, {"text": form.cleaned_data["text"]})
+                try:
+                    message = publish(room.slug, {"text": form.cleaned_data["text"]})
+                except RealtimeError as exc:  # archived, or the channel layer is down
+                    self.message_user(request, f"{room.slug}: not posted: {exc}", messages.ERROR)
+                    continue
+                posted += 1
                 self.log_change(request, room, f"Posted announcement #{message['seq']}.")
-            self.message_user(request, f"Announcement posted to {queryset.count()} room(s).")
+            if posted:
+                self.message_user(request, f"Announcement posted to {posted} room(s).")
             return None
         context = {
             **self.admin_site.each_context(request),

@@ -38,7 +38,7 @@ ERRORS = Counter("realtime_errors_total", "Error frames sent, by code.", ["code"
 MESSAGES_PERSISTED = Counter("realtime_messages_persisted_total", "Messages stored.")
 PUBLISH_SECONDS = Histogram(
     "realtime_publish_seconds",
-    "Time to store and broadcast one message (client send or publish()).",
+    "Time to store, broadcast and ack one client send.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 GAP_FILLS = Counter("realtime_gap_fills_total", "Sequence gaps filled from the database.")

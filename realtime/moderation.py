@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from django.db import transaction
-from django.db.models.signals import post_delete, post_save, pre_save
+from django.db.models.signals import post_delete, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 
 from realtime import broker, services
@@ -27,15 +27,12 @@ logger = logging.getLogger(__name__)
 
 
 def _run(fn: Callable[..., Coroutine[Any, Any, None]], *args: Any, **kwargs: Any) -> None:
-    # Same bridge as publish(): the server's loop when called from a sync view under an ASGI
-    # server, else one private loop per process.
-    from realtime import publishing
+    # The same loop as publish(): the server's when called from a sync view it serves, else
+    # this process's publisher loop.
+    from realtime.publishing import run_sync
 
     try:
-        if publishing._server_loop() is not None:
-            async_to_sync(fn)(*args, **kwargs)
-        else:
-            publishing._publisher.run(fn(*args, **kwargs), publishing.BROADCAST_TIMEOUT + 1)
+        run_sync(fn, *args, **kwargs)
     except Exception:
         # The change itself is saved; rights are re-checked on the next join or send anyway.
         logger.warning("realtime: moderation broadcast %s failed", fn.__name__, exc_info=True)
@@ -96,8 +93,22 @@ def _room_changed(sender: Any, instance: Room, created: bool, **kwargs: Any) -> 
         _on_commit(functools.partial(recheck, slug))
 
 
+# Rooms being deleted in this thread: their messages go with them, and one recheck (every
+# session gets `removed`) says more than a retract per message.
+_deleting = threading.local()
+
+
+@receiver(pre_delete, sender=Room)
+def _room_deleting(sender: Any, instance: Room, **kwargs: Any) -> None:
+    if not hasattr(_deleting, "rooms"):
+        _deleting.rooms = set()
+    _deleting.rooms.add(instance.pk)
+
+
 @receiver(post_delete, sender=Room)
 def _room_deleted(sender: Any, instance: Room, **kwargs: Any) -> None:
+    rooms: set[int] = getattr(_deleting, "rooms", set())
+    rooms.discard(instance.pk)
     slug = instance.slug
     _on_commit(lambda: recheck(slug))
 
@@ -113,6 +124,8 @@ def _message_saved(sender: Any, instance: Message, created: bool, **kwargs: Any)
 def _message_deleted(sender: Any, instance: Message, **kwargs: Any) -> None:
     # Deleting a row leaves a hole in the timeline (the admin retracts instead); clients still
     # drop the message.
+    if instance.room_id in getattr(_deleting, "rooms", ()):
+        return
     try:
         slug = instance.room.slug
     except Room.DoesNotExist:

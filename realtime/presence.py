@@ -141,10 +141,13 @@ def diff_frame(room: str, change: Change) -> str:
     )
 
 
-async def announce(room: str, change: Change) -> None:
-    """Broadcast a presence change to the room, if there is one."""
-    if change.joins or change.leaves:
-        await broker.publish_ephemeral(room, diff_frame(room, change))
+async def announce(room: str, change: Change) -> str | None:
+    """Broadcast a presence change to the room, if there is one; returns the frame sent."""
+    if not (change.joins or change.leaves):
+        return None
+    frame = diff_frame(room, change)
+    await broker.publish_ephemeral(room, frame)
+    return frame
 
 
 # Lua: KEYS = exp (zset conn->expiry), conn (hash conn->uid), cnt (hash uid->n), info (hash

@@ -71,6 +71,10 @@ class RoomState:
     # Sends of this connection awaiting their ack: broadcasts wait so the ack comes first.
     holds: int = 0
     present: bool = False  # counted in the room's presence
+    # Frames outside the timeline (presence_diff, retract, typing) that arrive while joining:
+    # emitted after the join's replay instead of being lost.
+    held: list[str] = field(default_factory=list)
+    own_diff: str | None = None  # this connection's own join diff: presence_state says it
     pending: dict[int, str] = field(default_factory=dict)
 
 
@@ -184,9 +188,10 @@ class Session:
             backend = presence.get_backend()
             if user is not None:
                 presence.ensure_keeper(self.hub)
-                change = await backend.join(state.slug, self.conn_id, user)
+                # Present even if the join below fails: the heartbeat then counts it again.
                 state.present = True
-                await presence.announce(state.slug, change)
+                change = await backend.join(state.slug, self.conn_id, user)
+                state.own_diff = await presence.announce(state.slug, change)
             return await backend.users(state.slug)
         except Exception:
             # Presence is advisory: a join still works without it (the heartbeat retries).
@@ -231,6 +236,12 @@ class Session:
         state.can_send = result.can_send
         metrics.JOINS.inc()
         await self._drain_or_abort(state)
+        held, state.held = state.held, []
+        for frame_text in held:
+            if frame_text == state.own_diff:
+                state.own_diff = None
+                continue
+            await self.emit(frame_text)
 
     async def on_leave(self, frame: Frame) -> None:
         assert frame.room is not None
@@ -368,9 +379,13 @@ class Session:
     async def deliver_ephemeral(self, room: str, frame: str, exclude_user: Any) -> None:
         """Take one broadcast frame outside the timeline (typing)."""
         state = self.rooms.get(room)
-        if state is None or state.mode is RoomMode.JOINING:
+        if state is None:
             return
         if exclude_user is not None and self.authenticated and self.user.pk == exclude_user:
+            return
+        if state.mode is RoomMode.JOINING:
+            if len(state.held) < MAX_PENDING:
+                state.held.append(frame)
             return
         await self.emit(frame)
 

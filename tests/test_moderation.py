@@ -180,3 +180,59 @@ async def test_admin_room_list_shows_online_counts_and_live_page(connect, users,
 
 def test_retract_of_nothing_is_a_no_op(rooms):
     assert services.retract([12345]) == []
+
+
+async def test_deleting_a_room_removes_everyone_without_a_retract_per_message(
+    connect, users, rooms
+):
+    alice = await connect(users["alice"])
+    await alice.join("lobby")
+    for i in range(3):
+        await alice.request(type="send", room="lobby", ref=f"s{i}", payload={"text": str(i)})
+        await alice.messages(1)
+    await db(Room.objects.filter(slug="lobby").delete)()
+    frame = await alice.recv()
+    assert frame == {"type": "removed", "room": "lobby", "reason": "forbidden"}
+
+
+async def test_announcing_to_an_archived_room_reports_instead_of_failing(users, rooms):
+    def archive_and_announce():
+        Room.objects.filter(slug="news").update(archived=True)
+        http = admin_client(users["root"])
+        return http.post(
+            "/admin/realtime/room/",
+            {
+                "action": "announce",
+                "_selected_action": [rooms["news"].pk, rooms["lobby"].pk],
+                "apply": "1",
+                "text": "hello",
+            },
+            follow=True,
+        )
+
+    response = await sync_to_async(archive_and_announce)()
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "News: not posted: room is archived" in page  # the admin capitalises messages
+    assert "posted to 1 room" in page
+    assert await db(Message.objects.filter(room__slug="lobby").count)() == 1
+
+
+async def test_a_retract_during_a_join_is_not_lost(connect, users, rooms, monkeypatch):
+    alice = await connect(users["alice"])
+    await alice.join("lobby")
+    ack = await alice.request(type="send", room="lobby", ref="s", payload={"text": "x"})
+    await alice.messages(1)
+    bob = await connect(users["bob"])
+    real_join = services.join
+
+    def join_then_retract(*args):
+        result = real_join(*args)
+        moderation.retract([ack["id"]])  # lands while bob's join is being answered
+        return result
+
+    monkeypatch.setattr(services, "join", join_then_retract)
+    await bob.request(type="join", room="lobby", ref="j", after_seq=0)
+    frames = [await bob.recv() for _ in range(2)]  # presence_state, the replayed message
+    assert [f["type"] for f in frames] == ["presence_state", "message"]
+    assert await bob.recv() == {"type": "retract", "room": "lobby", "seq": ack["seq"]}
