@@ -21,6 +21,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
+from realtime import presence as presence_state
 from realtime import publishing, services
 from realtime.conf import conf
 from realtime.errors import RealtimeError, Unauthorized, Unavailable
@@ -192,9 +193,14 @@ def _history(
     return [services.message_dict(m, slug) for m in rows.order_by("seq")[:limit]]
 
 
+async def _online(room: str) -> list[dict[str, Any]]:
+    # The backend is per event loop (Redis clients are bound to one): fetch it on the loop.
+    return await presence_state.get_backend().users(room)
+
+
 def room_users(room: str) -> list[dict[str, Any]]:
-    """Who is online in ``room``: [{id, name, connections}]."""
-    return []
+    """Who is online in ``room``: [{id, name, connections}], one entry per user."""
+    return publishing.run_sync(_online, room)
 
 
 @api("GET")

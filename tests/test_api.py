@@ -342,10 +342,30 @@ def test_messages_wrong_method_is_405_json(client, users, rooms, method):
 # -- GET rooms/<room>/presence -------------------------------------------------------------
 
 
-def test_presence_lists_the_room(client, users, rooms):
+def test_presence_of_an_empty_room(client, users, rooms):
     response = as_user(client, users["alice"]).get(f"{API}/rooms/lobby/presence")
     assert response.status_code == 200
     assert response.json() == {"room": "lobby", "users": []}
+
+
+async def test_presence_lists_users_online_with_their_connections(hub, users, rooms):
+    sockets = [Socket(users["alice"]), Socket(users["alice"]), Socket(users["bob"])]
+    for sock in sockets:
+        await sock.open()
+        await sock.join("lobby")
+    client = Client()
+    await sync_to_async(client.force_login)(users["carol"])
+    response = await sync_to_async(client.get)(f"{API}/rooms/lobby/presence")
+    assert response.status_code == 200
+    assert response.json() == {
+        "room": "lobby",
+        "users": [
+            {"id": users["alice"].pk, "name": "alice", "connections": 2},
+            {"id": users["bob"].pk, "name": "bob", "connections": 1},
+        ],
+    }
+    for sock in sockets:
+        await sock.close()
 
 
 @pytest.mark.parametrize(

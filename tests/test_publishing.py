@@ -252,6 +252,17 @@ def test_broadcast_failure_after_commit_does_not_fail_the_commit(rooms, monkeypa
     assert "broadcast of lobby#1 failed" in caplog.text
 
 
+async def test_sync_code_called_from_the_server_loop_broadcasts_on_that_loop():
+    # A sync view under daphne runs like this: through sync_to_async from the server's loop.
+    running = asyncio.get_running_loop()
+    assert await sync_to_async(publishing._server_loop)() is running
+    plain = []
+    thread = threading.Thread(target=lambda: plain.append(publishing._server_loop()))
+    thread.start()
+    thread.join(TIMEOUT)
+    assert plain == [None]
+
+
 def test_run_sync_runs_a_coroutine_function_from_a_plain_thread():
     async def add(a, b=0):
         await asyncio.sleep(0)
