@@ -120,11 +120,14 @@ class Hub:
                 raise
             except Exception:
                 logger.warning("realtime: channel layer receive failed; retrying", exc_info=True)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
                 # A restarted layer (Redis) may have lost every group: nothing would ever
-                # arrive again unless the hub joins its rooms' groups anew.
-                await self._resubscribe()
+                # arrive again unless the hub joins its rooms' groups anew, so rejoin (until
+                # that works) before receiving again.
+                while True:
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    if await self._resubscribe():
+                        break
                 continue
             backoff = 0.1
             handler = self._handlers.get(message.get("type", ""))
@@ -139,13 +142,15 @@ class Hub:
             await asyncio.sleep(conf.REALTIME_GROUP_REFRESH)
             await self._resubscribe()
 
-    async def _resubscribe(self) -> None:
+    async def _resubscribe(self) -> bool:
+        """Join every subscribed room's group again; False when the layer failed."""
         for room in list(self.subscribed):
             try:
                 await self.layer.group_add(room_group(room), self.channel or "")
             except Exception:
                 logger.warning("realtime: could not rejoin the group of %s", room, exc_info=True)
-                return
+                return False
+        return True
 
     async def _on_message(self, message: dict[str, Any]) -> None:
         room, seq, frame = message["room"], message["seq"], message["frame"]
@@ -193,10 +198,12 @@ class Hub:
         self.stop()
 
     def stop(self) -> None:
-        """Cancel the hub's tasks without waiting."""
+        """Cancel the hub's tasks without waiting; a later subscribe starts it afresh."""
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        self.channel = None
+        self.subscribed.clear()
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 from channels.consumer import get_handler_name
@@ -16,6 +17,24 @@ from realtime.session import Session
 # No alias of that name exists, so channels gives the consumer no channel of its own: all
 # broadcasts reach sessions through the per-process hub (broker.py), never per connection.
 _NO_LAYER = "realtime.no-per-connection-channel"
+
+
+logger = logging.getLogger(__name__)
+
+
+def _closed_errors() -> tuple[type[BaseException], ...]:
+    """What the ASGI server raises when the app sends on a socket that has closed."""
+    errors: list[type[BaseException]] = [ConnectionError]
+    try:
+        from autobahn.exception import Disconnected  # daphne's WebSocket implementation
+    except ImportError:  # pragma: no cover - another server
+        pass
+    else:
+        errors.append(Disconnected)
+    return tuple(errors)
+
+
+_CLOSED = _closed_errors()
 
 
 class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
@@ -99,7 +118,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
                     await receive()
 
     async def _emit(self, text: str) -> None:
-        await self.send(text_data=text)
+        try:
+            await self.send(text_data=text)
+        except _CLOSED as exc:
+            # The peer went away and the disconnect is not dispatched yet (a broadcast raced
+            # it): the frame is dropped, as the client resumes with after_seq.
+            logger.debug("realtime: dropped a frame for a closed connection: %s", exc)
 
     async def _close(self, code: int) -> None:
         await self.close(code=int(code))

@@ -6,6 +6,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
 
 from realtime import broker, services
+from realtime.consumers import RealtimeConsumer
 from realtime.models import Room
 
 from .wsclient import TIMEOUT, Client, error
@@ -432,3 +433,22 @@ async def test_typing_is_rate_limited_per_user(connect, users, rooms, settings):
     typing = [await bob.recv(), await bob.recv()]
     assert [f["type"] for f in typing] == ["typing", "typing"]
     await bob.assert_usable()  # the third one was not relayed
+
+
+async def test_a_frame_for_a_socket_that_just_closed_is_dropped_quietly():
+    from autobahn.exception import Disconnected
+
+    consumer = RealtimeConsumer()
+
+    async def closed_protocol(message):
+        raise Disconnected("Attempt to send on a closed protocol")
+
+    consumer.base_send = closed_protocol
+    await consumer._emit('{"type":"message"}')  # no exception: the client resumes later
+
+    async def broken(message):
+        raise ValueError("a real bug")
+
+    consumer.base_send = broken
+    with pytest.raises(ValueError):
+        await consumer._emit('{"type":"message"}')
