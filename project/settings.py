@@ -112,3 +112,6 @@ LOGGING = {
 }
 
 REALTIME_ALLOW_ANONYMOUS_READ = env_bool("REALTIME_ALLOW_ANONYMOUS_READ", False)
+# Server key for POST /realtime/api/publish and token for /realtime/metrics; empty disables.
+REALTIME_API_KEY = os.environ.get("REALTIME_API_KEY", "")
+REALTIME_METRICS_TOKEN = os.environ.get("REALTIME_METRICS_TOKEN", "")

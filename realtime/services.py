@@ -165,13 +165,19 @@ def messages_between(room: Room | str, after_seq: int, upto_seq: int) -> list[di
     return [message_dict(m, slug) for m in rows]
 
 
-def history(slug: str, user: Any, before_seq: int | None, limit: int) -> list[dict[str, Any]]:
-    """Up to ``limit`` messages before ``before_seq`` (default: the newest), ascending."""
+def history(
+    slug: str, user: Any, before_seq: int | None, limit: int, after_seq: int | None = None
+) -> list[dict[str, Any]]:
+    """Up to ``limit`` messages, ascending: the newest before ``before_seq`` (default: the
+    newest of all), or with ``after_seq`` the oldest after it (still below ``before_seq``)."""
     room = get_room(slug)
     authorize(room, user, send=False)
     rows = Message.objects.filter(room=room).select_related("sender")
     if before_seq is not None:
         rows = rows.filter(seq__lt=before_seq)
+    if after_seq is not None:
+        oldest_first = rows.filter(seq__gt=after_seq).order_by("seq")[:limit]
+        return [message_dict(m, slug) for m in oldest_first]
     newest_first = list(rows.order_by("-seq")[:limit])
     return [message_dict(m, slug) for m in reversed(newest_first)]
 

@@ -25,7 +25,7 @@ from realtime import presence as presence_state
 from realtime import publishing, services
 from realtime.conf import conf
 from realtime.errors import RealtimeError, Unauthorized, Unavailable
-from realtime.models import Message, Room
+from realtime.models import Room
 from realtime.protocol import (
     HISTORY_DEFAULT_LIMIT,
     HISTORY_MAX_LIMIT,
@@ -181,16 +181,7 @@ def _json_body(request: HttpRequest) -> dict[str, Any]:
 def _history(
     slug: str, user: Any, after_seq: int | None, before_seq: int | None, limit: int
 ) -> list[dict[str, Any]]:
-    if after_seq is None:
-        return services.history(slug, user, before_seq, limit)
-    # TODO(services): fold into services.history(after_seq=...) so services.py stays the
-    # only module that reads realtime's tables.
-    room = services.get_room(slug)
-    services.authorize(room, user, send=False)
-    rows = Message.objects.filter(room=room, seq__gt=after_seq).select_related("sender")
-    if before_seq is not None:
-        rows = rows.filter(seq__lt=before_seq)
-    return [services.message_dict(m, slug) for m in rows.order_by("seq")[:limit]]
+    return services.history(slug, user, before_seq, limit, after_seq=after_seq)
 
 
 async def _online(room: str) -> list[dict[str, Any]]:

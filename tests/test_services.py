@@ -223,3 +223,14 @@ def test_retracted_message_is_a_tombstone(rooms, users):
     assert first["seq"] == 1
     assert first["retracted"] is True
     assert first["payload"] is None
+
+
+def test_history_after_seq_pages_forwards(rooms, users):
+    fill("lobby", users["alice"], 10)
+    assert [m["seq"] for m in services.history("lobby", users["bob"], None, 3, after_seq=4)] == [
+        5,
+        6,
+        7,
+    ]
+    bounded = services.history("lobby", users["bob"], 7, 10, after_seq=4)
+    assert [m["seq"] for m in bounded] == [5, 6]
