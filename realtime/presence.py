@@ -303,18 +303,12 @@ class RedisBackend:
 
 
 _memory = MemoryBackend()
-_redis: weakref.WeakKeyDictionary[Any, RedisBackend] = weakref.WeakKeyDictionary()
+_redis = store.bound(RedisBackend)
 
 
 def get_backend() -> Backend:
     """The presence backend for the running loop (Redis clients are bound to a loop)."""
-    client = store.async_client()
-    if client is None:
-        return _memory
-    backend = _redis.get(client)
-    if backend is None:
-        backend = _redis[client] = RedisBackend(client)
-    return backend
+    return _redis() or _memory
 
 
 class Present(Protocol):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import re
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -114,15 +113,9 @@ class RedisLimiter:
 
 
 _memory = MemoryLimiter()
-_redis: weakref.WeakKeyDictionary[Any, RedisLimiter] = weakref.WeakKeyDictionary()
+_redis = store.bound(RedisLimiter)
 
 
 def get_limiter() -> Limiter:
     """Redis-backed when realtime's channel layer is Redis, else this process's memory."""
-    client = store.async_client()
-    if client is None:
-        return _memory
-    limiter = _redis.get(client)
-    if limiter is None:
-        limiter = _redis[client] = RedisLimiter(client)
-    return limiter
+    return _redis() or _memory

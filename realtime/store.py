@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from django.conf import settings
 
@@ -41,6 +42,8 @@ def _make(module: Any, host: dict[str, Any]) -> Any:
     return module.Redis(**host)
 
 
+T = TypeVar("T")
+
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
 
@@ -66,3 +69,20 @@ def sync_client() -> Any:
     import redis
 
     return _make(redis, host)
+
+
+def bound(factory: Callable[[Any], T]) -> Callable[[], T | None]:
+    """A getter of one ``factory(client)`` per async Redis client (so per loop), or None
+    when realtime's layer is not Redis."""
+    made: weakref.WeakKeyDictionary[Any, T] = weakref.WeakKeyDictionary()
+
+    def get() -> T | None:
+        client = async_client()
+        if client is None:
+            return None
+        value = made.get(client)
+        if value is None:
+            value = made[client] = factory(client)
+        return value
+
+    return get
