@@ -75,6 +75,16 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "Server key for POST /realtime/api/publish (Authorization: Bearer); empty disables it.",
     ),
+    Setting(
+        "REALTIME_SSE_KEEPALIVE",
+        15,
+        "Seconds of silence after which an SSE stream gets a keep-alive comment.",
+    ),
+    Setting(
+        "REALTIME_LONGPOLL_TIMEOUT",
+        25,
+        "Longest a long-poll request waits for frames before answering with none.",
+    ),
 )
 
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
@@ -94,6 +104,8 @@ class _Conf:
     REALTIME_METRICS_TOKEN: str
     REALTIME_TYPING_RATE: str
     REALTIME_API_KEY: str
+    REALTIME_SSE_KEEPALIVE: float
+    REALTIME_LONGPOLL_TIMEOUT: float
 
     def __getattr__(self, name: str) -> Any:
         if name not in _DEFAULTS:

@@ -81,8 +81,13 @@ class RoomState:
 class Session:
     """The protocol state of one connection (or one SSE / long-poll client)."""
 
-    def __init__(self, user: Any, emit: Emit, close: Close) -> None:
+    def __init__(
+        self, user: Any, emit: Emit, close: Close, *, announce_presence: bool = True
+    ) -> None:
         self.user = user
+        # False for clients that re-join on every request (long-poll): they read presence
+        # but are not counted in it, so their polls do not make them flicker in and out.
+        self.announce_presence = announce_presence
         self._transport_emit = emit
         self._close_transport = close
         self.closed = False
@@ -186,7 +191,7 @@ class Session:
         user = services.user_info(self.user)
         try:
             backend = presence.get_backend()
-            if user is not None:
+            if user is not None and self.announce_presence:
                 presence.ensure_keeper(self.hub)
                 # Present even if the join below fails: the heartbeat then counts it again.
                 state.present = True
