@@ -23,6 +23,11 @@ _NUMERIC: dict[str, tuple[type | tuple[type, ...], int]] = {
     "REALTIME_GROUP_REFRESH": ((int, float), 1),
     "REALTIME_GAP_FILL_BATCH": (int, 1),
     "REALTIME_PRESENCE_TTL": ((int, float), 1),
+    "REALTIME_TICKET_TTL": ((int, float), 1),
+    "REALTIME_AUTH_RECHECK": ((int, float), 0),
+    "REALTIME_MAX_CONNECTIONS_PER_USER": (int, 1),
+    "REALTIME_MAX_CONNECTIONS_PER_IP": (int, 1),
+    "REALTIME_MAX_BUFFERED_BYTES": (int, 65536),
 }
 
 CHECK_IDS = (
@@ -136,6 +141,14 @@ def _valid(name: str, default: Any, value: Any) -> tuple[bool, str]:
         return ok, f"a number >= {minimum}"
     if isinstance(default, bool):
         return isinstance(value, bool), "True or False"
+    if name == "REALTIME_ALLOWED_ORIGINS":
+        from realtime.auth import parse_origin
+
+        ok = value is None or (
+            isinstance(value, (list, tuple))
+            and all(isinstance(v, str) and (v == "*" or parse_origin(v)) for v in value)
+        )
+        return ok, "None or a list of origins such as 'https://example.com' (or '*')"
     if name.endswith("_RATE"):
         try:
             parse_rate(value)
@@ -244,6 +257,14 @@ def _consumer_chains(root: Any) -> Iterator[tuple[Any, ...]]:
         stack.extend((*chain, child) for child in reversed(_children(node)))
 
 
+def _is_origin_check(node: Any) -> bool:
+    from channels.security.websocket import OriginValidator
+
+    from realtime.auth import OriginCheck
+
+    return isinstance(node, (OriginValidator, OriginCheck))
+
+
 def _is_auth(node: Any) -> bool:
     from channels.auth import AuthMiddleware
 
@@ -253,8 +274,6 @@ def _is_auth(node: Any) -> bool:
 @register(Tags.compatibility)
 def check_asgi_application(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
     """ASGI_APPLICATION routes /ws/ to realtime behind an Origin check and authentication."""
-    from channels.security.websocket import OriginValidator
-
     path = getattr(settings, "ASGI_APPLICATION", None)
     if not path:
         return [
@@ -287,14 +306,14 @@ def check_asgi_application(app_configs: Any, **kwargs: Any) -> list[CheckMessage
             )
         ]
     messages: list[CheckMessage] = []
-    validators = [n for chain in chains for n in chain if isinstance(n, OriginValidator)]
-    if not all(any(isinstance(n, OriginValidator) for n in chain) for chain in chains):
+    validators = [n for chain in chains for n in chain if _is_origin_check(n)]
+    if not all(any(_is_origin_check(n) for n in chain) for chain in chains):
         messages.append(
             Warning(
                 f"ASGI_APPLICATION {path!r} routes WebSocket connections to realtime without "
                 "an Origin check: any web page can open one with its visitors' session cookie.",
-                hint="Wrap the routes in channels' AllowedHostsOriginValidator, as "
-                "realtime.routing.get_asgi_application() does.",
+                hint="Wrap the routes in realtime.auth.OriginCheck (or channels' "
+                "OriginValidator), as realtime.routing.get_asgi_application() does.",
                 id="realtime.W005",
             )
         )
@@ -303,8 +322,8 @@ def check_asgi_application(app_configs: Any, **kwargs: Any) -> list[CheckMessage
             Warning(
                 f"ASGI_APPLICATION {path!r} checks the WebSocket Origin against '*': any web "
                 "page can open a connection with its visitors' session cookie.",
-                hint="List your hosts in ALLOWED_HOSTS instead of '*' (the Origin check of "
-                "realtime.routing.get_asgi_application() uses ALLOWED_HOSTS).",
+                hint="List your origins in REALTIME_ALLOWED_ORIGINS, or your hosts in "
+                "ALLOWED_HOSTS, instead of '*' (see docs/security.md).",
                 id="realtime.W005",
             )
         )

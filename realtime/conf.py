@@ -85,6 +85,46 @@ SETTINGS: tuple[Setting, ...] = (
         25,
         "Longest a long-poll request waits for frames before answering with none.",
     ),
+    Setting(
+        "REALTIME_ALLOWED_ORIGINS",
+        None,
+        "WebSocket Origins allowed (scheme://host[:port]); None: ALLOWED_HOSTS, same scheme+port.",
+    ),
+    Setting(
+        "REALTIME_TICKET_TTL",
+        30,
+        "Seconds a ticket from POST /realtime/api/tickets stays valid (it is single-use).",
+    ),
+    Setting(
+        "REALTIME_AUTH_RECHECK",
+        60,
+        "Seconds between re-checks of each connection's login and room rights (0: never).",
+    ),
+    Setting(
+        "REALTIME_FRAME_RATE",
+        "200/10s",
+        "Client frames one connection may send; beyond: rate_limited errors, then close 4029.",
+    ),
+    Setting(
+        "REALTIME_SEND_RATE",
+        "100/10s",
+        "Messages one user may send, across connections and processes (a rate string).",
+    ),
+    Setting(
+        "REALTIME_MAX_CONNECTIONS_PER_USER",
+        20,
+        "Open WebSocket connections per user in one process; the next is closed with 4029.",
+    ),
+    Setting(
+        "REALTIME_MAX_CONNECTIONS_PER_IP",
+        200,
+        "Open WebSocket connections per client address in one process; the next gets 4029.",
+    ),
+    Setting(
+        "REALTIME_MAX_BUFFERED_BYTES",
+        1024 * 1024,
+        "Bytes written but not yet taken by a client before it is closed as slow (4008).",
+    ),
 )
 
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
@@ -104,6 +144,14 @@ class _Conf:
     REALTIME_METRICS_TOKEN: str
     REALTIME_TYPING_RATE: str
     REALTIME_API_KEY: str
+    REALTIME_ALLOWED_ORIGINS: list[str] | tuple[str, ...] | None
+    REALTIME_TICKET_TTL: float
+    REALTIME_AUTH_RECHECK: float
+    REALTIME_FRAME_RATE: str
+    REALTIME_SEND_RATE: str
+    REALTIME_MAX_CONNECTIONS_PER_USER: int
+    REALTIME_MAX_CONNECTIONS_PER_IP: int
+    REALTIME_MAX_BUFFERED_BYTES: int
     REALTIME_SSE_KEEPALIVE: float
     REALTIME_LONGPOLL_TIMEOUT: float
 

@@ -10,7 +10,8 @@ from typing import Any
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from realtime import drain
+from realtime import auth, backpressure, drain
+from realtime.conf import conf
 from realtime.protocol import CloseCode
 from realtime.session import Session
 
@@ -43,9 +44,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     channel_layer_alias = _NO_LAYER
     session: Session | None = None
     _closing = False
+    _slow = False
+    _queued: backpressure.Probe | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         self._gone = asyncio.Event()
+        self._raw_send = send
+        self._queued = backpressure.probe(send)
 
         async def receive_watching() -> Any:
             message = await receive()
@@ -73,13 +78,19 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         await getattr(self, get_handler_name(message))(message)
 
     async def connect(self) -> None:
-        await self.accept()
+        offered = self.scope.get("subprotocols") or ()
+        await self.accept(subprotocol=auth.SUBPROTOCOL if auth.SUBPROTOCOL in offered else None)
         if drain.draining():
             await self.close(code=CloseCode.RESTARTING)
             return
         drain.install()
         drain.register(self)
-        self.session = Session(self.scope.get("user"), self._emit, self._close)
+        self.session = Session(
+            self.scope.get("user"),
+            self._emit,
+            self._close,
+            credentials=auth.credentials_from_scope(self.scope),
+        )
         await self.session.start()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -118,12 +129,27 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
                     await receive()
 
     async def _emit(self, text: str) -> None:
+        if self._slow:
+            return  # closing as a slow consumer: the client resumes with after_seq
         try:
             await self.send(text_data=text)
         except _CLOSED as exc:
             # The peer went away and the disconnect is not dispatched yet (a broadcast raced
             # it): the frame is dropped, as the client resumes with after_seq.
             logger.debug("realtime: dropped a frame for a closed connection: %s", exc)
+            return
+        if self._queued is not None and self.session is not None:
+            pending = self._queued()
+            if pending > conf.REALTIME_MAX_BUFFERED_BYTES:
+                # The client stopped reading: close (4008) rather than buffer without bound
+                # or skip frames. Everything before the close is in order; it resumes with
+                # after_seq. It gets a grace period to read up to the close frame.
+                self._slow = True
+                logger.warning(
+                    "realtime: slow consumer with %d bytes pending; closing with 4008", pending
+                )
+                backpressure.allow_close_grace(self._raw_send)
+                await self.session.abort(CloseCode.SLOW_CONSUMER)
 
     async def _close(self, code: int) -> None:
         await self.close(code=int(code))

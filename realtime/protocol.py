@@ -22,6 +22,8 @@ HISTORY_MAX_LIMIT = 100
 # Envelope bytes allowed on top of the payload limit before a frame is refused unparsed.
 ENVELOPE_ALLOWANCE = 1024
 MAX_PAYLOAD_DEPTH = 32
+# Object keys in one payload, all levels together: bounds the work of walking and storing it.
+MAX_PAYLOAD_KEYS = 1000
 
 
 class ClientType(StrEnum):
@@ -135,7 +137,13 @@ def check_payload(payload: Any, max_bytes: int, ref: str | None = None) -> str:
     if not isinstance(payload, dict):
         raise FrameError(ErrorCode.BAD_FRAME, "payload must be a JSON object", ref)
     _check_value(payload, 0, ref)
-    encoded = encode(payload)
+    if _count_keys(payload) > MAX_PAYLOAD_KEYS:
+        raise FrameError(ErrorCode.BAD_FRAME, f"payload has more than {MAX_PAYLOAD_KEYS} keys", ref)
+    try:
+        encoded = encode(payload)
+    except ValueError:
+        # 1e999 parses as inf, which has no JSON form.
+        raise FrameError(ErrorCode.BAD_FRAME, "payload numbers must be finite", ref) from None
     if len(encoded.encode("utf-8")) > max_bytes:
         raise FrameError(ErrorCode.TOO_LARGE, f"payload exceeds {max_bytes} bytes", ref)
     return encoded
@@ -155,6 +163,19 @@ def _check_value(value: Any, depth: int, ref: str | None) -> None:
     elif isinstance(value, list):
         for item in value:
             _check_value(item, depth + 1, ref)
+
+
+def _count_keys(value: Any) -> int:
+    # Iterative: the depth is already bounded, but no recursion is needed to count.
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 def _is_clean_text(text: str) -> bool:

@@ -6,9 +6,9 @@ from typing import Any
 
 from channels.auth import AuthMiddlewareStack
 from channels.routing import ProtocolTypeRouter, URLRouter
-from channels.security.websocket import AllowedHostsOriginValidator
 from django.urls import path
 
+from realtime.auth import ConnectionCaps, OriginCheck, TicketAuth, install_log_redaction
 from realtime.consumers import RealtimeConsumer
 
 websocket_urlpatterns = [
@@ -17,8 +17,14 @@ websocket_urlpatterns = [
 
 
 def websocket_application() -> Any:
-    """The WebSocket routes behind session auth and an Origin check against ALLOWED_HOSTS."""
-    return AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+    """The WebSocket routes behind the Origin check, session or ticket auth and connection caps.
+
+    See docs/security.md. Also masks tickets in daphne's access log and Django's log handlers.
+    """
+    install_log_redaction()
+    return OriginCheck(
+        AuthMiddlewareStack(TicketAuth(ConnectionCaps(URLRouter(websocket_urlpatterns))))
+    )
 
 
 def get_asgi_application(http_application: Any = None) -> ProtocolTypeRouter:

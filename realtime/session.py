@@ -20,7 +20,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
-from realtime import broker, metrics, presence, ratelimit, services
+from realtime import auth, broker, metrics, presence, ratelimit, services
 from realtime.conf import conf
 from realtime.errors import (
     AlreadyJoined,
@@ -55,6 +55,9 @@ Close = Callable[[int], Awaitable[None]]
 # up, and closing (the client resumes with after_seq) beats growing without bound.
 MAX_PENDING = 10_000
 
+# The clock of the per-connection frame rate; tests replace it to move time.
+frame_clock: ratelimit.Clock = time.monotonic
+
 
 class RoomMode(Enum):
     JOINING = "joining"  # ack and replay not yet emitted; broadcasts are held
@@ -82,9 +85,19 @@ class Session:
     """The protocol state of one connection (or one SSE / long-poll client)."""
 
     def __init__(
-        self, user: Any, emit: Emit, close: Close, *, announce_presence: bool = True
+        self,
+        user: Any,
+        emit: Emit,
+        close: Close,
+        *,
+        announce_presence: bool = True,
+        credentials: auth.Credentials | None = None,
     ) -> None:
         self.user = user
+        # What the login rests on (auth.py): re-validated every REALTIME_AUTH_RECHECK seconds.
+        self.credentials = credentials
+        self._frames = ratelimit.MemoryLimiter(lambda: frame_clock())
+        self._recheck: asyncio.Task[None] | None = None
         # False for clients that re-join on every request (long-poll): they read presence
         # but are not counted in it, so their polls do not make them flicker in and out.
         self.announce_presence = announce_presence
@@ -127,10 +140,14 @@ class Session:
                 }
             )
         )
+        if self.credentials is not None and conf.REALTIME_AUTH_RECHECK > 0:
+            self._recheck = asyncio.create_task(self._recheck_loop())
 
     async def receive_text(self, text: str) -> None:
         """Handle one client frame; every fault becomes an ``error`` frame."""
         ref: str | None = None
+        if not await self._within_frame_rate():
+            return
         try:
             frame = parse(text, conf.REALTIME_MAX_PAYLOAD_BYTES)
             ref = frame.ref
@@ -145,6 +162,50 @@ class Session:
             logger.exception("realtime: unexpected error handling a frame")
             await self._error(ErrorCode.INTERNAL, "internal error", ref)
 
+    async def _within_frame_rate(self) -> bool:
+        """Count one client frame; over REALTIME_FRAME_RATE it gets ``rate_limited`` (unparsed),
+        and a client that keeps going at that pace (a second allowance of refused frames
+        used up too) is closed with 4029."""
+        rate = ratelimit.parse_rate(conf.REALTIME_FRAME_RATE)
+        retry_after = await self._frames.hit("frames", rate)
+        if retry_after is None:
+            return True
+        if await self._frames.hit("refused", rate) is not None:
+            logger.warning("realtime: closing a connection that kept flooding (4029)")
+            await self.abort(CloseCode.RATE_LIMITED)
+            return False
+        await self._error(
+            ErrorCode.RATE_LIMITED, f"at most {rate} frames", None, round(retry_after, 3)
+        )
+        return False
+
+    async def _recheck_loop(self) -> None:
+        """Re-validate the login and every joined room's rights, every REALTIME_AUTH_RECHECK s."""
+        assert self.credentials is not None
+        while not self.closed:
+            await asyncio.sleep(conf.REALTIME_AUTH_RECHECK)
+            rooms = [
+                slug for slug, state in self.rooms.items() if state.mode is not RoomMode.JOINING
+            ]
+            try:
+                user, denials = await database_sync_to_async(_recheck)(self.credentials, rooms)
+            except Exception:
+                logger.warning("realtime: authorisation re-check failed; retrying", exc_info=True)
+                continue
+            if user is None:
+                # Logged out, password changed, deactivated or deleted.
+                await self.abort(CloseCode.UNAUTHORIZED)
+                return
+            self.user = user  # fresh rights (is_staff, is_superuser) for later checks
+            for slug, (reason, can_send) in denials.items():
+                state = self.rooms.get(slug)
+                if state is None:
+                    continue
+                if reason is not None:
+                    await self.remove(slug, reason)
+                else:
+                    state.can_send = can_send
+
     async def _error(
         self, code: str, message: str, ref: str | None, retry_after: float | None = None
     ) -> None:
@@ -154,6 +215,8 @@ class Session:
     async def receive_binary(self) -> None:
         """Binary frames are not part of protocol v1."""
         metrics.FRAMES_IN.labels("binary").inc()
+        if not await self._within_frame_rate():
+            return
         await self._error(ErrorCode.BAD_FRAME, "binary frames are not supported", None)
 
     async def close(self) -> None:
@@ -162,6 +225,8 @@ class Session:
             metrics.CONNECTIONS.dec()
         self.closed = True
         self.hub.sessions.discard(self)
+        if self._recheck is not None and self._recheck is not asyncio.current_task():
+            self._recheck.cancel()
         for task in list(self._fills):
             task.cancel()
         for slug in list(self.rooms):
@@ -262,6 +327,7 @@ class Session:
             raise NotJoined(f"join {frame.room!r} before sending")
         if not self.authenticated:
             raise Unauthorized()
+        await self._limit(f"send:{self.user.pk}", conf.REALTIME_SEND_RATE, "messages")
         state.holds += 1
         started = time.perf_counter()
         try:
@@ -303,19 +369,23 @@ class Session:
             raise Unauthorized()
         if not state.can_send:
             raise Forbidden("you may not post in this room")
-        rate = ratelimit.parse_rate(conf.REALTIME_TYPING_RATE)
-        try:
-            retry_after = await ratelimit.get_limiter().hit(f"typing:{self.user.pk}", rate)
-        except Exception as exc:
-            raise Unavailable() from exc
-        if retry_after is not None:
-            raise RateLimited(f"at most {rate} typing frames", retry_after=round(retry_after, 3))
+        await self._limit(f"typing:{self.user.pk}", conf.REALTIME_TYPING_RATE, "typing frames")
         sender = services.user_info(self.user)
         typing = encode({"type": ServerType.TYPING, "room": frame.room, "sender": sender})
         try:
             await broker.publish_ephemeral(frame.room, typing, exclude_user=self.user.pk)
         except Exception as exc:
             raise Unavailable() from exc
+
+    async def _limit(self, key: str, rate_text: str, what: str) -> None:
+        """Count one event of ``key`` against a shared (Redis) rate; RateLimited when over."""
+        rate = ratelimit.parse_rate(rate_text)
+        try:
+            retry_after = await ratelimit.get_limiter().hit(key, rate)
+        except Exception as exc:
+            raise Unavailable() from exc
+        if retry_after is not None:
+            raise RateLimited(f"at most {rate} {what}", retry_after=round(retry_after, 3))
 
     async def on_history(self, frame: Frame) -> None:
         assert frame.room is not None
@@ -449,3 +519,13 @@ class Session:
                     await self.emit(services.message_frame(message))
             # Seqs absent from the database were deleted: nothing to wait for.
             state.last_seq = max(state.last_seq, upto)
+
+
+def _recheck(
+    credentials: auth.Credentials, rooms: list[str]
+) -> tuple[Any, dict[str, tuple[str | None, bool]]]:
+    """(the user if still logged in, else None; each room's removal reason and send right)."""
+    user = auth.still_valid(credentials)
+    if user is None:
+        return None, {}
+    return user, {slug: services.denial(slug, user) for slug in rooms}

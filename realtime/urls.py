@@ -11,6 +11,7 @@ urlpatterns = [
     path("api/rooms/<str:room>/messages", views.messages, name="messages"),
     path("api/rooms/<str:room>/presence", views.presence, name="presence"),
     path("api/publish", views.publish, name="publish"),
+    path("api/tickets", views.tickets, name="tickets"),
     # Keep last among the api/ routes: any other api/ path gets a JSON 404, not HTML.
     re_path(r"^api/(?P<rest>.*)$", views.not_found, name="api-not-found"),
     path("metrics", metrics.metrics_view, name="metrics"),

@@ -21,8 +21,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
+from realtime import auth, publishing, services
 from realtime import presence as presence_state
-from realtime import publishing, services
 from realtime.conf import conf
 from realtime.errors import RealtimeError, Unauthorized, Unavailable
 from realtime.models import Room
@@ -283,6 +283,22 @@ def publish(request: HttpRequest) -> HttpResponse:
     if "payload" not in body:
         raise FrameError(ErrorCode.BAD_FRAME, "payload is required")
     return JsonResponse(publishing.publish(room, body["payload"]), status=201)
+
+
+@api("POST", csrf=True)
+def tickets(request: HttpRequest) -> HttpResponse:
+    """A signed, single-use ticket for the logged-in user (WebSocket subprotocol, ?ticket=)."""
+    if not request.user.is_authenticated:
+        raise Unauthorized()
+    ticket = auth.issue_ticket(request.user, request.session.session_key)
+    body = {
+        "ticket": ticket,
+        "expires_in": conf.REALTIME_TICKET_TTL,
+        "subprotocols": [auth.SUBPROTOCOL, auth.TICKET_PROTOCOL_PREFIX + ticket],
+    }
+    response = JsonResponse(body, status=201)
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 @api()

@@ -375,16 +375,20 @@ def _answers_http(port: int) -> bool:
 
 @contextlib.contextmanager
 def running_daphne(
-    env: dict[str, str], logdir: Path, label: str, attempts: int = 3
+    env: dict[str, str],
+    logdir: Path,
+    label: str,
+    attempts: int = 3,
+    application: str = "project.asgi:application",
 ) -> Iterator[DaphneServer]:
-    """One daphne process serving the demo project on a free loopback port."""
+    """One daphne process serving ``application`` (the demo) on a free loopback port."""
     logdir.mkdir(parents=True, exist_ok=True)
     last_error: Exception | None = None
     for attempt in range(attempts):
         port = free_port()
         process = start_process(
             f"daphne-{label}:{port}",
-            [str(VENV_BIN / "daphne"), "-b", LOOPBACK, "-p", str(port), "project.asgi:application"],
+            [str(VENV_BIN / "daphne"), "-b", LOOPBACK, "-p", str(port), application],
             logdir / f"daphne-{label}-{port}.log",
             cwd=REPO_ROOT,
             env=env,

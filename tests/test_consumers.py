@@ -308,7 +308,7 @@ async def session_cookie(user):
 async def test_session_cookie_authenticates_the_socket(users):
     cookie = await session_cookie(users["alice"])
     comm, (connected, _) = await full_stack(
-        [(b"cookie", cookie), (b"origin", b"http://127.0.0.1:8000"), (b"host", b"127.0.0.1")]
+        [(b"cookie", cookie), (b"origin", b"http://127.0.0.1:8000"), (b"host", b"127.0.0.1:8000")]
     )
     assert connected
     hello = json.loads(await comm.receive_from(timeout=TIMEOUT))
