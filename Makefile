@@ -25,11 +25,15 @@ venv: $(BIN)/python
 deps: $(VENV)/.deps
 dev-deps: $(VENV)/.dev-deps
 
-# Debian packages the tests need (a private redis-server); installed only when missing.
+# Debian packages the tests need (a private redis-server; chromium for the browser tests,
+# driven by pip's playwright: no browser is downloaded); installed only when missing.
 system-deps: serve-deps
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "installing redis-server"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@test -x /usr/bin/chromium || { \
+		echo "installing chromium"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 # `make serve` and the deployment tests run nginx (Debian package); installed only when missing.
 serve-deps:

@@ -30,7 +30,7 @@ from realtime.conf import conf
 from realtime.errors import RealtimeError, Unavailable
 from realtime.protocol import ErrorCode, FrameError, ServerType
 from realtime.session import MAX_PENDING, Session
-from realtime.sse import refusal, request_user
+from realtime.sse import authenticate, refusal
 
 # Frames that, alone, are no reason to answer before the timeout: every poll's session says
 # hello, and a join that resumes cleanly says ack (recovered) and presence_state.
@@ -92,9 +92,8 @@ async def _wait(request: HttpRequest) -> HttpResponse:
         return views.error_response(Unavailable("this server is restarting; poll again"))
     poll = Poll()
     try:
-        session = Session(
-            await request_user(request), poll.emit, poll.close, announce_presence=False
-        )
+        user, _ = await authenticate(request)  # a poll is too short-lived to re-check
+        session = Session(user, poll.emit, poll.close, announce_presence=False)
     except RealtimeError as exc:
         return views.error_response(exc)
     with contextlib.suppress(Exception):

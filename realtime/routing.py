@@ -10,6 +10,7 @@ from django.urls import path
 
 from realtime.auth import ConnectionCaps, OriginCheck, TicketAuth, install_log_redaction
 from realtime.consumers import RealtimeConsumer
+from realtime.sse import drain_shield
 
 websocket_urlpatterns = [
     path("ws/", RealtimeConsumer.as_asgi()),
@@ -37,4 +38,6 @@ def get_asgi_application(http_application: Any = None) -> ProtocolTypeRouter:
         from django.core.asgi import get_asgi_application as django_asgi
 
         http_application = django_asgi()
+    # In-flight HTTP requests (SSE streams, long-polls) end cleanly when the process drains.
+    http_application = drain_shield(http_application)
     return ProtocolTypeRouter({"http": http_application, "websocket": websocket_application()})

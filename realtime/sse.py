@@ -15,14 +15,15 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from realtime import cursor, drain
+from realtime import auth, cursor, drain
 from realtime.conf import conf
 from realtime.errors import RealtimeError, Unavailable
 from realtime.protocol import ErrorCode, FrameError
@@ -35,10 +36,12 @@ logger = logging.getLogger(__name__)
 RECONNECT_MS = 2000
 
 
-async def request_user(request: HttpRequest) -> Any:
-    """The request's user, read without blocking the event loop (None without auth)."""
-    auser = getattr(request, "auser", None)
-    return await auser() if auser is not None else None
+async def authenticate(request: HttpRequest) -> tuple[Any, auth.Credentials | None]:
+    """The user of the request's ``?ticket=`` (redeemed) or session, and what it rests on."""
+    try:
+        return await sync_to_async(auth.authenticate_request)(request)
+    except auth.TicketError as exc:
+        raise ApiError(ErrorCode.UNAUTHORIZED, f"the ticket was refused: {exc.reason}") from None
 
 
 def refusal(frame: dict[str, Any]) -> HttpResponse:
@@ -115,6 +118,34 @@ class Stream:
                 self.done.set()
 
 
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+def drain_shield(app: ASGIApp) -> ASGIApp:
+    """Wrap an HTTP ASGI app so requests in flight finish when the server drains.
+
+    daphne cancels every application when it shuts down. Django's handler, cancelled while
+    it streams, leaves its disconnect listener behind (a "Task exception was never retrieved"
+    traceback once the client goes). During a drain the streams end by themselves
+    (``drain_all``) and other requests complete, so let them, for up to DRAIN_TIMEOUT seconds.
+    """
+
+    async def shielded(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await app(scope, receive, send)
+            return
+        task = asyncio.ensure_future(app(scope, receive, send))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if drain.draining() and not task.done():
+                await asyncio.wait({task}, timeout=drain.DRAIN_TIMEOUT)
+            task.cancel()
+            raise
+
+    return shielded
+
+
 def _method_not_allowed(request: HttpRequest) -> HttpResponse:
     return error_response(
         ApiError(
@@ -145,8 +176,10 @@ async def sse(request: HttpRequest) -> HttpResponseBase:
         return error_response(Unavailable("this server is restarting; reconnect"))
     stream = Stream(rooms, start)
     try:
-        user = await request_user(request)
-        session = Session(user, stream.emit, stream.close)
+        user, credentials = await authenticate(request)
+        # With credentials the session re-checks the login (REALTIME_AUTH_RECHECK): a logout
+        # or a ban ends the stream as it closes a WebSocket.
+        session = Session(user, stream.emit, stream.close, credentials=credentials)
     except RealtimeError as exc:
         return error_response(exc)
     try:

@@ -498,6 +498,27 @@ async def test_sse_bad_input_gets_a_json_error(query, headers, status, code, ser
         http.close()
 
 
+async def test_sse_accepts_a_single_use_ticket_instead_of_the_session(servers, cookies):
+    a, b = servers
+    status, issued = await http_json(a, "POST", "/realtime/api/tickets", cookies["bob"], {})
+    assert status == 201, issued
+    path = f"/realtime/sse/?rooms=lobby&ticket={urllib.parse.quote(issued['ticket'])}"
+    sub = SseSub("ticket@sse")
+    sub.http = await Http.open(b, "GET", path, {"Accept": "text/event-stream"})  # no cookie
+    sub.ids = []
+    assert sub.http.status == 200
+    (hello,) = await sub.wait_for(lambda f: f["type"] == "hello")
+    assert hello["user"]["name"] == "bob", hello
+    await sub.wait_for(lambda f: f["type"] == "presence_state")
+    await sub.close()
+    again = await Http.open(b, "GET", path, {"Connection": "close"})
+    try:
+        assert again.status == 401
+        assert (await again.json())["error"]["code"] == "unauthorized"
+    finally:
+        again.close()
+
+
 async def test_sse_other_methods_are_refused(servers, cookies):
     a, _ = servers
     status, body = await http_json(a, "POST", "/realtime/sse/?rooms=lobby", cookies["bob"], {})

@@ -1,14 +1,20 @@
 /*
- * realtime.js: the browser client of the realtime wire protocol v1 (see DESIGN.md section 3).
+ * realtime.js: the browser client of the realtime wire protocol v1 (docs/client.md).
  *
  * Plain browser JavaScript, no build step and no dependencies; load it as a classic <script>
- * (the {% realtime_script %} tag does) and use window.Realtime:
+ * (the {% realtime_script %} tag does, after a JSON config the client reads by itself) and use
+ * window.Realtime:
  *
- *   const client = new Realtime.Client();          // ws(s)://<this host>/ws/
- *   client.on("state", (s) => ...);                 // connecting | live | reconnecting | offline
+ *   const client = new Realtime.Client();
+ *   client.on("state", (s) => ...);       // connecting | live | reconnecting | offline
+ *   client.join("lobby", {onMessage(msg) {...}, onPresence(f) {...}, onReset(ack) {...}});
  *   client.connect();
- *   client.join("lobby", {onMessage(msg) {...}, onReset(ack) {...}}).then((ack) => ...);
  *   client.send("lobby", {text: "hi"}).then(({seq, id}) => ..., (err) => err.code);
+ *
+ * One API whatever the transport: WebSocket first, then Server-Sent Events, then long-polling
+ * (sending and history then go through the HTTP API with the CSRF token). The client falls
+ * back when a transport cannot connect, keeps trying to upgrade later, reconnects with
+ * exponential backoff and jitter, and resumes every room from the last seq it delivered.
  *
  * The client does no DOM work at all: rendering server data is the page's job (with
  * textContent, never innerHTML).
@@ -19,6 +25,7 @@
   // Checked against realtime/protocol.py by a Python test: keep it one valid JSON object.
   const PROTOCOL = /* protocol:begin */ {"version": 1, "clientTypes": ["join", "leave", "send", "typing", "history", "ping"], "serverTypes": ["hello", "ack", "pong", "message", "presence_state", "presence_diff", "typing", "retract", "removed", "error"], "errorCodes": ["bad_frame", "unknown_type", "invalid_room", "room_not_found", "forbidden", "unauthorized", "not_joined", "too_large", "rate_limited", "unavailable", "internal"], "closeCodes": {"NORMAL": 1000, "TOO_BIG": 1009, "INTERNAL": 1011, "RESTARTING": 1012, "UNAUTHORIZED": 4001, "FORBIDDEN": 4003, "SLOW_CONSUMER": 4008, "RATE_LIMITED": 4029}} /* protocol:end */;
 
+  const TRANSPORTS = ["websocket", "sse", "longpoll"];
   const BACKOFF_BASE_MS = 500;
   const BACKOFF_CAP_MS = 30000;
   const RATE_LIMITED_MIN_DELAY_MS = 5000;
@@ -27,15 +34,40 @@
   // A request unanswered this long fails with code "timeout": the server cannot put the ref
   // on its reply to a frame it refused unparsed (too_large), and the caller must not hang.
   const REQUEST_TIMEOUT_MS = 30000;
+  // Attempts in a row that never reached "hello" before the next transport is tried.
+  const FALLBACK_AFTER_FAILURES = 2;
+  // While on a fallback transport, how often a better one is probed (jittered +-25%).
+  const UPGRADE_INTERVAL_MS = 60000;
+  // A long-poll answer that takes longer than the server's wait plus this is a dead request.
+  const POLL_GRACE_MS = 15000;
   // After these close codes a new connection would be refused the same way (or would come
   // back anonymous after a revoked session), so the client stops and goes "offline".
   const FATAL_CLOSE_CODES = [PROTOCOL.closeCodes.UNAUTHORIZED, PROTOCOL.closeCodes.FORBIDDEN];
-  // Join errors worth retrying on the same connection; any other code drops the room.
-  const TRANSIENT_ERRORS = ["unavailable", "rate_limited", "internal", "timeout"];
+  // Join errors worth retrying; any other code drops the room.
+  const TRANSIENT_ERRORS = ["unavailable", "rate_limited", "internal", "timeout", "offline"];
 
-  function defaultUrl(path) {
+  function absoluteWsUrl(path) {
+    if (path.charAt(0) !== "/") return path;
     const scheme = global.location.protocol === "https:" ? "wss://" : "ws://";
-    return scheme + global.location.host + (path || "/ws/");
+    return scheme + global.location.host + path;
+  }
+
+  // The JSON the {% realtime_script %} tag renders: URLs, CSRF token, the page's cursor.
+  function pageConfig() {
+    const doc = global.document;
+    const el = doc && doc.getElementById ? doc.getElementById("realtime-config") : null;
+    if (!el) return {};
+    try {
+      return JSON.parse(el.textContent) || {};
+    } catch (e) {
+      return {};
+    }
+  }
+
+  function available(kind) {
+    if (kind === "websocket") return typeof global.WebSocket === "function";
+    if (kind === "sse") return typeof global.EventSource === "function";
+    return typeof global.fetch === "function";
   }
 
   // A random id for client_msg_id: 32 hex chars (the protocol allows up to 64).
@@ -64,7 +96,7 @@
     return global.navigator !== undefined && global.navigator.onLine === false;
   }
 
-  // Call a handler without letting an exception in page code break the socket's dispatch.
+  // Call a handler without letting an exception in page code break the dispatch.
   function safeCall(fn, arg) {
     if (typeof fn !== "function") return;
     try {
@@ -74,26 +106,194 @@
     }
   }
 
+  function cookie(name) {
+    const doc = global.document;
+    if (!doc || typeof doc.cookie !== "string") return null;
+    for (const part of doc.cookie.split(";")) {
+      const eq = part.indexOf("=");
+      if (eq > 0 && part.slice(0, eq).trim() === name) return decodeURIComponent(part.slice(eq + 1).trim());
+    }
+    return null;
+  }
+
+  // The cursor of the given rooms (see docs/transports.md): "lobby:12:1,team:4:1".
+  function cursorOf(rooms) {
+    const parts = [];
+    for (const room of rooms) {
+      if (room.lastSeq === null) continue;
+      parts.push(room.slug + ":" + room.lastSeq + (room.epoch !== null ? ":" + room.epoch : ""));
+    }
+    return parts.join(",");
+  }
+
+  // -- transports: each one feeds text frames to client._onFrame and reports its end --------
+
+  class WebSocketConn {
+    constructor(client) {
+      this.kind = "websocket";
+      this.client = client;
+      const ws = (this.ws = new global.WebSocket(absoluteWsUrl(client.urls.ws)));
+      ws.onmessage = (event) => client._connFrame(this, event.data);
+      ws.onclose = (event) => client._connEnded(this, event.code);
+      ws.onerror = () => {}; // a close event always follows
+    }
+
+    sendFrame(frame) {
+      if (this.ws.readyState !== 1) return false;
+      this.ws.send(JSON.stringify(frame));
+      return true;
+    }
+
+    // A live WebSocket joins (and leaves) with frames, on the same connection.
+    joinAll() {
+      for (const room of this.client._rooms.values()) this.client._sendJoin(room);
+    }
+
+    close(code) {
+      this.ws.onmessage = this.ws.onclose = null;
+      try {
+        this.ws.close(code);
+      } catch (e) {
+        /* already closed */
+      }
+    }
+  }
+
+  class SseConn {
+    constructor(client, rooms) {
+      this.kind = "sse";
+      this.client = client;
+      this.rooms = rooms; // slugs this stream follows: a change of rooms opens a new stream
+      let url = client.urls.sse + "?rooms=" + encodeURIComponent(rooms.join(","));
+      const after = cursorOf(rooms.map((slug) => client._rooms.get(slug)));
+      if (after) url += "&after=" + encodeURIComponent(after);
+      this.url = url;
+      const es = (this.es = new global.EventSource(url, {withCredentials: true}));
+      for (const type of PROTOCOL.serverTypes) {
+        es.addEventListener(type, (event) => client._connFrame(this, event.data));
+      }
+      // The browser would reconnect by itself (with Last-Event-ID); the client does it instead,
+      // with backoff, the current rooms and the fallback order.
+      es.onerror = () => client._connEnded(this, null);
+    }
+
+    sendFrame() {
+      return false;
+    }
+
+    joinAll() {}
+
+    close() {
+      this.es.onerror = null;
+      this.es.close();
+    }
+  }
+
+  class PollConn {
+    constructor(client, rooms) {
+      this.kind = "longpoll";
+      this.client = client;
+      this.rooms = rooms;
+      this.closed = false;
+      this.hello = false;
+      this.controller = null;
+      this.poll();
+    }
+
+    poll() {
+      const client = this.client;
+      const rooms = this.rooms.map((slug) => client._rooms.get(slug)).filter(Boolean);
+      if (!rooms.length) {
+        // Nothing to poll for: say hello from the page's own knowledge and wait for a join.
+        if (!this.hello) {
+          this.hello = true;
+          client._connFrame(this, JSON.stringify({type: "hello", protocol: PROTOCOL.version, user: client.user, heartbeat: 0}));
+        }
+        return;
+      }
+      let url = client.urls.poll + "?rooms=" + encodeURIComponent(rooms.map((r) => r.slug).join(","));
+      const after = cursorOf(rooms);
+      if (after) url += "&cursor=" + encodeURIComponent(after);
+      // The first request of a connection answers at once (hello, joins, presence): that is
+      // what makes the connection live. Later ones wait for news.
+      const timeout = !this.hello ? 0 : client.pollTimeout;
+      if (timeout != null) url += "&timeout=" + timeout;
+      const controller = (this.controller = new AbortController());
+      const wait = (timeout != null ? timeout * 1000 : 25000) + POLL_GRACE_MS;
+      const timer = global.setTimeout(() => controller.abort(), wait);
+      global.fetch(url, {credentials: "same-origin", signal: controller.signal, headers: {Accept: "application/json"}}).then(
+        (response) => response.json().then((body) => ({response: response, body: body})),
+      ).then(({response, body}) => {
+        global.clearTimeout(timer);
+        if (this.closed) return;
+        if (!response.ok) {
+          if (this === client._conn) client._refused(body && body.error, this.rooms);
+          return;
+        }
+        for (const frame of body.frames || []) {
+          if (this.closed) return;
+          if (frame.type === "hello") {
+            if (this.hello) continue; // every poll says hello; the connection only once
+            this.hello = true;
+          }
+          client._connFrame(this, frame);
+        }
+        if (!this.closed) this.poll();
+      }).catch(() => {
+        global.clearTimeout(timer);
+        if (!this.closed) client._connEnded(this, null);
+      });
+    }
+
+    sendFrame() {
+      return false;
+    }
+
+    joinAll() {}
+
+    close() {
+      this.closed = true;
+      if (this.controller) this.controller.abort();
+    }
+  }
+
   class Client {
     constructor(options) {
       options = options || {};
-      const url = options.url || "/ws/";
-      this.url = url.charAt(0) === "/" ? defaultUrl(url) : url;
+      const config = options.config || pageConfig();
+      const urls = config.urls || {};
+      this.urls = {
+        ws: options.url || urls.ws || "/ws/",
+        sse: options.sseUrl || urls.sse || "/realtime/sse/",
+        poll: options.pollUrl || urls.poll || "/realtime/poll/",
+        api: options.apiUrl || urls.api || "/realtime/api/rooms/",
+      };
+      this.transports = (options.transports || TRANSPORTS).filter((t) => TRANSPORTS.indexOf(t) !== -1);
       this.requestTimeout = options.requestTimeout || REQUEST_TIMEOUT_MS;
+      this.upgradeInterval = options.upgradeInterval || UPGRADE_INTERVAL_MS;
+      this.pollTimeout = options.pollTimeout != null ? options.pollTimeout : null;
+      this.csrfToken = options.csrfToken || config.csrfToken || null;
+      this.pageCursor = config.rooms || {}; // {slug: {seq, epoch}}: where the page left off
       this.state = "offline";
+      this.transport = null; // the transport in use: websocket | sse | longpoll
       this.user = null; // from hello: {id, name} or null (anonymous)
       this._listeners = {};
       this._rooms = new Map(); // slug -> room entry (see join)
       this._pending = new Map(); // ref -> {resolve, reject, onAck, timer}
       this._typingRefs = new Map(); // ref of the latest typing frame -> room entry
       this._refSeq = 0;
-      this._ws = null;
+      this._conn = null;
+      this._transportIndex = 0;
+      this._failures = 0; // attempts in a row on this transport that never said hello
       this._wanted = false; // connect() called and close() not since
       this._everLive = false;
       this._attempt = 0;
       this._retryTimer = null;
       this._heartbeatTimer = null;
+      this._upgradeTimer = null;
+      this._probe = null;
       this._pingRef = null;
+      this._worked = {}; // transports that reached "hello" on this page
       if (global.addEventListener) {
         global.addEventListener("online", () => this._onOnline());
         global.addEventListener("offline", () => this._onOffline());
@@ -125,7 +325,7 @@
 
     connect() {
       this._wanted = true;
-      if (this._ws || this._retryTimer) return this;
+      if (this._conn || this._retryTimer) return this;
       if (isOffline()) {
         this._setState("offline"); // the "online" event reconnects
         return this;
@@ -137,38 +337,57 @@
     close() {
       this._wanted = false;
       this._cancelRetry();
+      this._stopUpgrade();
       this._drop(PROTOCOL.closeCodes.NORMAL);
       this._setState("offline");
     }
 
+    // The first available transport from the current position in the fallback order.
+    _pickTransport() {
+      for (let i = this._transportIndex; i < this.transports.length; i++) {
+        if (available(this.transports[i])) {
+          if (i !== this._transportIndex) this._failures = 0;
+          this._transportIndex = i;
+          return this.transports[i];
+        }
+      }
+      this._transportIndex = this.transports.length - 1;
+      return this.transports[this._transportIndex];
+    }
+
+    _makeConn(kind) {
+      const slugs = Array.from(this._rooms.keys());
+      if (kind === "websocket") return new WebSocketConn(this);
+      if (kind === "sse") return new SseConn(this, slugs);
+      return new PollConn(this, slugs);
+    }
+
     _open(state) {
       this._setState(state);
-      let ws;
+      const kind = this._pickTransport();
+      let conn;
       try {
-        ws = new global.WebSocket(this.url);
+        conn = this._makeConn(kind);
       } catch (e) {
+        this._failures++;
         this._scheduleRetry(0); // e.g. a malformed URL: back off rather than spin
         return;
       }
-      this._ws = ws;
-      // Every handler checks that its socket is still the current one: a dropped socket may
-      // still deliver late events, which must not touch the new connection's state.
-      ws.onmessage = (event) => {
-        if (this._ws === ws) this._onFrame(event.data);
-      };
-      ws.onclose = (event) => {
-        if (this._ws === ws) this._onDisconnect(event.code);
-      };
-      ws.onerror = () => {}; // a close event always follows
+      conn.opened = false;
+      this._conn = conn;
+      if (this.transport !== kind) {
+        this.transport = kind;
+        this._emit("transport", kind);
+      }
     }
 
-    // Forget the current socket at once (not waiting for its close handshake, which on a
+    // Forget the current connection at once (not waiting for a close handshake, which on a
     // dead network can take minutes) and fail every request that was waiting on it.
     _drop(code) {
-      const ws = this._ws;
-      this._ws = null;
+      const conn = this._conn;
+      this._conn = null;
       this._stopHeartbeat();
-      if (ws) ws.close(code);
+      if (conn) conn.close(code);
       this._typingRefs.clear();
       const pending = Array.from(this._pending.values());
       this._pending.clear();
@@ -178,21 +397,97 @@
       }
     }
 
-    _onDisconnect(code) {
+    _connFrame(conn, data) {
+      if (conn !== this._conn) return; // a late event of a connection already dropped
+      if (typeof data === "string") {
+        try {
+          data = JSON.parse(data);
+        } catch (e) {
+          return;
+        }
+      }
+      if (data && typeof data === "object") this._onFrame(data);
+    }
+
+    _connEnded(conn, code) {
+      if (conn === this._conn) this._onDisconnect(code);
+    }
+
+    // An HTTP transport was refused outright (every room's join failed): report it per room.
+    _refused(error, slugs) {
+      const err = error && error.code ? Object.assign({type: "error"}, error) : null;
+      if (!err || TRANSIENT_ERRORS.indexOf(err.code) !== -1) {
+        this._onDisconnect(null);
+        return;
+      }
       this._drop(PROTOCOL.closeCodes.NORMAL);
-      this._emit("close", {code: code});
+      for (const slug of slugs) this._joinFailed(this._rooms.get(slug), err);
+      this._open("reconnecting"); // with the rooms that are left (possibly none)
+    }
+
+    _onDisconnect(code) {
+      const conn = this._conn;
+      const opened = conn && conn.opened;
+      this._drop(PROTOCOL.closeCodes.NORMAL);
+      this._emit("close", {code: code, transport: conn ? conn.kind : null});
       if (!this._wanted) {
         this._setState("offline");
-      } else if (FATAL_CLOSE_CODES.indexOf(code) !== -1) {
+        return;
+      }
+      if (FATAL_CLOSE_CODES.indexOf(code) !== -1) {
         this._wanted = false;
+        this._stopUpgrade();
         this._setState("offline");
         const name = code === PROTOCOL.closeCodes.UNAUTHORIZED ? "unauthorized" : "forbidden";
         this._emit("error", {type: "error", code: name, message: "connection closed (" + code + ")"});
-      } else if (isOffline()) {
-        this._setState("offline");
-      } else {
-        this._scheduleRetry(code === PROTOCOL.closeCodes.RATE_LIMITED ? RATE_LIMITED_MIN_DELAY_MS : 0);
+        return;
       }
+      if (isOffline()) {
+        this._setState("offline");
+        return;
+      }
+      const last = this._transportIndex >= this.transports.length - 1;
+      const worked = conn && this._worked[conn.kind];
+      if (!opened && !worked && ++this._failures >= FALLBACK_AFTER_FAILURES && !last) {
+        // This transport never worked from here (a proxy, a firewall): fall back at once. One
+        // that worked before is failing because the server is away: keep it, with backoff.
+        this._transportIndex++;
+        this._failures = 0;
+        this._attempt = 0;
+        this._open("reconnecting");
+        return;
+      }
+      if (!opened && conn && conn.kind === "sse") {
+        // EventSource hides the status: ask once with fetch whether the stream was refused.
+        this._diagnoseSse(conn);
+        return;
+      }
+      this._scheduleRetry(code === PROTOCOL.closeCodes.RATE_LIMITED ? RATE_LIMITED_MIN_DELAY_MS : 0);
+    }
+
+    _diagnoseSse(conn) {
+      this._setState("reconnecting");
+      const controller = new AbortController();
+      const retry = () => {
+        if (this._wanted && !this._conn && !this._retryTimer) this._scheduleRetry(0);
+      };
+      this._retryTimer = global.setTimeout(() => controller.abort(), this.requestTimeout);
+      global.fetch(conn.url, {credentials: "same-origin", signal: controller.signal}).then((response) => {
+        global.clearTimeout(this._retryTimer);
+        this._retryTimer = null;
+        if (response.ok) {
+          controller.abort(); // a stream after all: retry it
+          retry();
+          return;
+        }
+        return response.json().then((body) => {
+          if (!this._conn && this._wanted) this._refused(body && body.error, conn.rooms);
+        });
+      }).catch(() => {
+        global.clearTimeout(this._retryTimer);
+        this._retryTimer = null;
+        retry();
+      });
     }
 
     // Exponential backoff with full jitter: a random delay in [0, min(cap, base * 2^n)), so
@@ -216,7 +511,7 @@
     }
 
     _onOnline() {
-      if (!this._wanted || this._ws) return;
+      if (!this._wanted || this._conn) return;
       this._cancelRetry();
       this._attempt = 0;
       this._open(this._everLive ? "reconnecting" : "connecting");
@@ -249,6 +544,75 @@
       this._pingRef = null;
     }
 
+    // -- upgrading from a fallback ----------------------------------------------------------
+
+    // The best transport above the current one that this browser has, or -1.
+    _betterIndex() {
+      for (let i = 0; i < this._transportIndex; i++) {
+        if (available(this.transports[i]) && this.transports[i] !== "longpoll") return i;
+      }
+      return -1;
+    }
+
+    _scheduleUpgrade() {
+      this._stopUpgrade();
+      if (this._betterIndex() === -1) return;
+      const delay = this.upgradeInterval * (0.75 + Math.random() * 0.5);
+      this._upgradeTimer = global.setTimeout(() => {
+        this._upgradeTimer = null;
+        this._tryUpgrade();
+      }, delay);
+    }
+
+    _stopUpgrade() {
+      if (this._upgradeTimer) global.clearTimeout(this._upgradeTimer);
+      this._upgradeTimer = null;
+      if (this._probe) this._probe.close();
+      this._probe = null;
+    }
+
+    // Open the better transport beside the current one; once it says hello, move over
+    // (the rooms resume from their last seq, so nothing is missed or repeated).
+    _tryUpgrade() {
+      const index = this._betterIndex();
+      if (index === -1 || this.state !== "live") return;
+      const kind = this.transports[index];
+      const client = this;
+      let probe;
+      const done = (ok) => {
+        if (this._probe !== probe) return;
+        this._probe = null;
+        probe.close();
+        if (ok && this._wanted) {
+          this._transportIndex = index;
+          this._failures = 0;
+          this._attempt = 0;
+          this._drop(PROTOCOL.closeCodes.NORMAL);
+          this._open("live");
+        } else {
+          this._scheduleUpgrade();
+        }
+      };
+      const watcher = {
+        _rooms: new Map(),
+        urls: this.urls,
+        _connFrame(conn, data) {
+          if (typeof data === "string" && data.indexOf('"hello"') !== -1) done(true);
+        },
+        _connEnded() {
+          done(false);
+        },
+      };
+      try {
+        probe = kind === "websocket" ? new WebSocketConn(watcher) : new SseConn(watcher, []);
+      } catch (e) {
+        this._scheduleUpgrade();
+        return;
+      }
+      this._probe = probe;
+      global.setTimeout(() => done(false), client.requestTimeout);
+    }
+
     // -- frames ---------------------------------------------------------------------------
 
     _nextRef() {
@@ -256,9 +620,11 @@
     }
 
     _rawSend(frame) {
-      if (!this._ws || this._ws.readyState !== 1) return false;
-      this._ws.send(JSON.stringify(frame));
-      return true;
+      return this._conn ? this._conn.sendFrame(frame) : false;
+    }
+
+    get _overHttp() {
+      return this._conn !== null && this._conn.kind !== "websocket";
     }
 
     // Send a frame with a fresh ref; the promise settles with its ack or error frame.
@@ -280,15 +646,37 @@
       });
     }
 
-    _onFrame(data) {
-      if (typeof data !== "string") return;
-      let frame;
-      try {
-        frame = JSON.parse(data);
-      } catch (e) {
-        return;
+    // The HTTP API (sends and history over SSE and long-poll): resolves with the JSON body;
+    // rejects with {type: "error", code, message, retry_after} like an error frame.
+    _http(method, path, body) {
+      const headers = {Accept: "application/json"};
+      if (method !== "GET") {
+        headers["Content-Type"] = "application/json";
+        const token = cookie("csrftoken") || this.csrfToken;
+        if (token) headers["X-CSRFToken"] = token;
       }
-      if (!frame || typeof frame !== "object") return;
+      const controller = new AbortController();
+      const timer = global.setTimeout(() => controller.abort(), this.requestTimeout);
+      const init = {method: method, headers: headers, credentials: "same-origin", signal: controller.signal};
+      if (body !== undefined) init.body = JSON.stringify(body);
+      return global.fetch(this.urls.api + path, init).then(
+        (response) => response.json().then(
+          (data) => {
+            if (response.ok) return data;
+            const error = (data && data.error) || {code: "internal", message: "HTTP " + response.status};
+            throw Object.assign({type: "error"}, error);
+          },
+          () => {
+            throw clientError(response.ok ? "internal" : "unavailable", "HTTP " + response.status);
+          }
+        ),
+        () => {
+          throw controller.signal.aborted ? clientError("timeout", "no reply from the server") : offlineError();
+        }
+      ).finally(() => global.clearTimeout(timer));
+    }
+
+    _onFrame(frame) {
       const room = frame.room !== undefined ? this._rooms.get(frame.room) : undefined;
       const handlers = room ? room.handlers : {};
       switch (frame.type) {
@@ -300,6 +688,13 @@
           break;
         case "ack":
         case "error": {
+          // Over SSE and long-poll the server joins each room itself, with ref = the room.
+          const joined = this._overHttp && frame.ref !== undefined ? this._rooms.get(frame.ref) : undefined;
+          if (joined) {
+            if (frame.type === "ack") this._onJoinAck(joined, frame);
+            else this._joinFailed(joined, frame);
+            break;
+          }
           const pending = frame.ref !== undefined ? this._pending.get(frame.ref) : undefined;
           const typingRoom = frame.ref !== undefined ? this._typingRefs.get(frame.ref) : undefined;
           if (typingRoom) {
@@ -325,7 +720,7 @@
         case "message":
           // Drop anything at or below the last seq delivered: replays after a reconnect
           // overlap what was already shown, and the page must never see a message twice.
-          if (!room || typeof frame.seq !== "number" || frame.seq <= room.lastSeq) break;
+          if (!room || typeof frame.seq !== "number" || (room.lastSeq !== null && frame.seq <= room.lastSeq)) break;
           room.lastSeq = frame.seq;
           safeCall(handlers.onMessage, frame);
           break;
@@ -352,15 +747,21 @@
       if (frame.protocol !== PROTOCOL.version) {
         this._emit("error", {type: "error", code: "protocol", message: "server speaks protocol " + frame.protocol});
       }
-      this.user = frame.user || null;
+      const conn = this._conn;
+      conn.opened = true;
+      this._worked[conn.kind] = true;
+      if (frame.user !== undefined) this.user = frame.user || null;
       this._attempt = 0;
+      this._failures = 0;
       this._everLive = true;
-      this._startHeartbeat(frame.heartbeat);
+      if (conn.kind === "websocket") this._startHeartbeat(frame.heartbeat);
       this._setState("live");
       this._emit("hello", frame);
+      if (this._transportIndex > 0) this._scheduleUpgrade();
+      else this._stopUpgrade();
       // Frames on one socket are handled in order, so sends issued after this see the rooms
-      // joined again.
-      for (const room of this._rooms.values()) this._sendJoin(room);
+      // joined again. SSE and long-poll joined them with the request.
+      conn.joinAll();
     }
 
     // -- rooms ----------------------------------------------------------------------------
@@ -371,14 +772,34 @@
         existing.handlers = handlers || existing.handlers;
         return existing.ready;
       }
-      const room = {slug: slug, handlers: handlers || {}, lastSeq: null, epoch: null, settled: false};
+      const room = {slug: slug, handlers: handlers || {}, lastSeq: null, epoch: null, settled: false, conn: null};
+      const start = this.pageCursor[slug];
+      if (start && typeof start.seq === "number") {
+        // Resume from where the page was rendered: the replay brings exactly what came after.
+        room.lastSeq = start.seq;
+        room.epoch = typeof start.epoch === "number" ? start.epoch : null;
+        delete this.pageCursor[slug];
+      }
       room.ready = new Promise((resolve, reject) => {
         room.resolve = resolve;
         room.reject = reject;
       });
       this._rooms.set(slug, room);
-      if (this.state === "live") this._sendJoin(room); // else the next hello joins it
+      if (this.state === "live") this._roomsChanged(room);
       return room.ready;
+    }
+
+    // A room was added or removed while connected: join it (WebSocket), or follow the new
+    // set of rooms with a new stream (SSE) or poll (long-poll).
+    _roomsChanged(room) {
+      const conn = this._conn;
+      if (!conn) return;
+      if (conn.kind === "websocket") {
+        if (room) this._sendJoin(room);
+        return;
+      }
+      this._drop(PROTOCOL.closeCodes.NORMAL);
+      this._open(this.state);
     }
 
     _sendJoin(room) {
@@ -388,24 +809,28 @@
         frame.after_seq = room.lastSeq;
         if (room.epoch !== null) frame.epoch = room.epoch;
       }
-      const socket = this._ws;
-      this._request(frame, (ack) => this._onJoinAck(room, ack)).catch((err) => {
-        if (err.code === "offline") return; // the next hello re-joins
-        if (this._rooms.get(room.slug) !== room) return;
-        if (TRANSIENT_ERRORS.indexOf(err.code) !== -1) {
-          const delay = err.retry_after ? err.retry_after * 1000 : 1000 + Math.random() * 2000;
-          global.setTimeout(() => {
-            if (this._ws === socket && this._rooms.get(room.slug) === room) this._sendJoin(room);
-          }, delay);
-          return;
-        }
-        this._rooms.delete(room.slug);
-        safeCall(room.handlers.onError, err);
-        if (!room.settled) {
-          room.settled = true;
-          room.reject(err);
-        }
-      });
+      this._request(frame, (ack) => this._onJoinAck(room, ack)).catch((err) => this._joinFailed(room, err));
+    }
+
+    _joinFailed(room, err) {
+      if (!room || this._rooms.get(room.slug) !== room) return;
+      if (err.code === "offline") return; // the next hello re-joins
+      if (TRANSIENT_ERRORS.indexOf(err.code) !== -1) {
+        const conn = this._conn;
+        const delay = err.retry_after ? err.retry_after * 1000 : 1000 + Math.random() * 2000;
+        global.setTimeout(() => {
+          if (this._conn !== conn || this._rooms.get(room.slug) !== room) return;
+          if (conn.kind === "websocket") this._sendJoin(room);
+          else this._roomsChanged(null); // a new stream or poll joins it again
+        }, delay);
+        return;
+      }
+      this._rooms.delete(room.slug);
+      safeCall(room.handlers.onError, err);
+      if (!room.settled) {
+        room.settled = true;
+        room.reject(err);
+      }
     }
 
     _onJoinAck(room, ack) {
@@ -414,6 +839,10 @@
         if (!this._rooms.has(room.slug)) this._rawSend({type: "leave", room: room.slug, ref: this._nextRef()});
         return;
       }
+      // Every long-poll request joins again: only the first join of a connection, or one
+      // that could not resume, is news.
+      if (room.conn === this._conn && ack.recovered) return;
+      room.conn = this._conn;
       const rejoin = room.lastSeq !== null;
       // recovered: the missed messages follow this ack and carry lastSeq up to the head.
       // Otherwise the timeline starts at the head, and a re-join has a hole to refill.
@@ -433,6 +862,10 @@
       if (!room) return Promise.resolve(null);
       this._rooms.delete(slug);
       if (this.state !== "live") return Promise.resolve(null);
+      if (this._overHttp) {
+        this._roomsChanged(null);
+        return Promise.resolve(null);
+      }
       return this._request({type: "leave", room: slug}).catch(() => null);
     }
 
@@ -442,8 +875,14 @@
     // of storing a duplicate.
     send(slug, payload, options) {
       const clientMsgId = (options && options.clientMsgId) || randomId();
-      const frame = {type: "send", room: slug, payload: payload, client_msg_id: clientMsgId};
-      return this._request(frame).then(
+      let sent;
+      if (this.state === "live" && this._overHttp) {
+        const body = {payload: payload, client_msg_id: clientMsgId};
+        sent = this._http("POST", encodeURIComponent(slug) + "/messages", body);
+      } else {
+        sent = this._request({type: "send", room: slug, payload: payload, client_msg_id: clientMsgId});
+      }
+      return sent.then(
         (ack) => ({seq: ack.seq, id: ack.id}),
         (err) => {
           err.clientMsgId = clientMsgId;
@@ -455,16 +894,24 @@
     // Resolves with the messages (ascending by seq) before options.beforeSeq (default: newest).
     history(slug, options) {
       options = options || {};
+      if (this.state === "live" && this._overHttp) {
+        const query = [];
+        if (options.beforeSeq != null) query.push("before_seq=" + options.beforeSeq);
+        if (options.limit != null) query.push("limit=" + options.limit);
+        const path = encodeURIComponent(slug) + "/messages" + (query.length ? "?" + query.join("&") : "");
+        return this._http("GET", path).then((data) => data.messages || []);
+      }
       const frame = {type: "history", room: slug};
       if (options.beforeSeq != null) frame.before_seq = options.beforeSeq;
       if (options.limit != null) frame.limit = options.limit;
       return this._request(frame).then((ack) => ack.messages || []);
     }
 
-    // Tell the others we are typing; throttled, so call it on every keystroke.
+    // Tell the others we are typing; throttled, so call it on every keystroke. WebSocket only:
+    // the HTTP transports have no way to send it.
     typing(slug) {
       const room = this._rooms.get(slug);
-      if (!room || room.noTyping || this.state !== "live") return;
+      if (!room || room.noTyping || this.state !== "live" || this._overHttp) return;
       const now = Date.now();
       if (room.lastTyping && now - room.lastTyping < TYPING_INTERVAL_MS) return;
       room.lastTyping = now;
@@ -476,5 +923,5 @@
     }
   }
 
-  global.Realtime = {PROTOCOL: PROTOCOL, Client: Client};
+  global.Realtime = {PROTOCOL: PROTOCOL, TRANSPORTS: TRANSPORTS.slice(), Client: Client};
 })(typeof window !== "undefined" ? window : globalThis);
