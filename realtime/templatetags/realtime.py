@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from django import template
+from django.contrib.auth.models import AnonymousUser
 from django.middleware.csrf import get_token
 from django.templatetags.static import static
 from django.urls import NoReverseMatch, reverse
@@ -60,7 +61,7 @@ def realtime_script(context: template.Context, rooms: Any = None) -> SafeString:
     """The browser client's script tag, after a JSON config the client reads on its own:
     endpoint URLs, the CSRF token, and each room's head seq and epoch as the page saw them."""
     request = context.get("request")
-    user = getattr(request, "user", None)
+    user = getattr(request, "user", None) or AnonymousUser()
     config = {
         "urls": {
             "ws": "/ws/",
