@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export HOST PORT
 
-.PHONY: run serve serve-deps test lint venv deps dev-deps system-deps migrate seed clean wheel
+.PHONY: run serve serve-deps test lint venv deps dev-deps system-deps migrate seed clean wheel bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(VENV)/.deps: requirements.txt | $(BIN)/python
 
 $(VENV)/.dev-deps: requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@ $(VENV)/.deps
+
+$(VENV)/.bench-deps: requirements.txt requirements-bench.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-bench.txt
 	touch $@ $(VENV)/.deps
 
 venv: $(BIN)/python
@@ -65,6 +69,12 @@ lint: dev-deps
 
 test: dev-deps system-deps lint
 	$(BIN)/python -m pytest
+
+# Issue 8's benchmark, realtime against the Channels tutorial pattern (docs/performance.md);
+# not part of `make test`. Needs PostgreSQL on 127.0.0.1:5432 (or DATABASE_URL); writes
+# results/. The soft file limit is raised to the hard one for thousands of sockets.
+bench: system-deps $(VENV)/.bench-deps
+	ulimit -n $$(ulimit -Hn) 2>/dev/null || true; $(BIN)/python -m bench
 
 # The distributable wheel in dist/; build/ goes first so that no stale module ships.
 wheel: | $(BIN)/python

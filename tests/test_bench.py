@@ -1,0 +1,107 @@
+"""The benchmark harness (bench/, `make bench`) still runs: tiny sizes, a trivial rate.
+
+No timing is asserted here (figures belong to `make bench` and docs/performance.md); only
+that the harness starts its stacks, drives every scenario and reports what it promises, and
+that at a trivial load nothing is lost, duplicated or reordered on either stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests import servers
+
+pytestmark = pytest.mark.integration
+
+TINY = {
+    "BENCH_STACKS": "realtime,baseline",
+    "BENCH_SCENARIOS": "idle,fanout,rooms,sends",
+    "BENCH_USERS": "5",
+    "BENCH_FANOUT_SIZES": "6",
+    "BENCH_FANOUT_RATES": "30",
+    "BENCH_FIXED_RATES": "30",
+    "BENCH_ROOMS_CLIENTS": "10",
+    "BENCH_ROOM_SIZE": "5",
+    "BENCH_ROOMS_RATE": "1",
+    "BENCH_ROOMS_SECONDS": "2",
+    "BENCH_IDLE_CONNECTIONS": "20",
+    "BENCH_SENDS_SENDERS": "2",
+    "BENCH_SENDS_ROOMS": "2",
+    "BENCH_STEP_SECONDS": "2",
+    "BENCH_DRAIN_SECONDS": "5",
+}
+
+STEP_KEYS = {
+    "deliveries_per_s",
+    "server_cpu_us_per_delivery",
+    "redis_cpu_us_per_delivery",
+    "generator_cpu_us_per_delivery",
+    "p50_ms",
+    "p99_ms",
+    "max_ms",
+    "lost",
+    "duplicates",
+    "out_of_order",
+    "rss_mb",
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    results = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env.update(TINY, BENCH_RESULTS=str(results))
+    done = subprocess.run(
+        [str(servers.VENV_BIN / "python"), "-m", "bench"],
+        cwd=servers.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    data = json.loads((results / "bench.json").read_text())
+    data["stdout"] = done.stdout
+    return data
+
+
+def rows(report, scenario):
+    return [r for r in report["rows"] if r["scenario"] == scenario]
+
+
+def test_every_scenario_reports_both_stacks(report):
+    assert {r["stack"] for r in rows(report, "fanout-6")} == {"realtime", "baseline"}
+    assert {r["stack"] for r in rows(report, "rooms")} == {"realtime", "baseline"}
+    assert {r["stack"] for r in rows(report, "idle")} == {"realtime", "baseline"}
+    assert {r["stack"] for r in rows(report, "sends")} == {"realtime"}  # tutorial: no acks
+
+
+def test_step_rows_carry_the_promised_figures(report):
+    for row in rows(report, "fanout-6") + rows(report, "rooms") + rows(report, "sends"):
+        assert set(row) >= STEP_KEYS, row
+    for row in rows(report, "idle"):
+        assert {"connections_per_s", "rss_kb_per_connection", "connections"} <= set(row)
+        assert row["connections"] == 20
+
+
+def test_nothing_lost_duplicated_or_reordered_at_a_trivial_rate(report):
+    for row in rows(report, "fanout-6") + rows(report, "rooms") + rows(report, "sends"):
+        assert row["deliveries"] == row["expected"] > 0, row
+        assert (row["lost"], row["duplicates"], row["out_of_order"], row["errors"]) == (0, 0, 0, 0)
+
+
+def test_sends_are_acked(report):
+    (sends,) = rows(report, "sends")
+    assert sends["acks"] > 0 and sends["acked_sends_per_s"] > 0
+
+
+def test_summary_table_and_targets_are_printed(report):
+    assert "== targets" in report["stdout"]
+    assert {"figure", "values", "target", "met"} <= set(report["summary"][0])
+    assert report["meta"]["config"]["fanout_sizes"] == [6]
