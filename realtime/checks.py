@@ -28,6 +28,8 @@ _NUMERIC: dict[str, tuple[type | tuple[type, ...], int]] = {
     "REALTIME_MAX_CONNECTIONS_PER_USER": (int, 1),
     "REALTIME_MAX_CONNECTIONS_PER_IP": (int, 1),
     "REALTIME_MAX_BUFFERED_BYTES": (int, 65536),
+    "REALTIME_SSE_KEEPALIVE": ((int, float), 1),
+    "REALTIME_LONGPOLL_TIMEOUT": ((int, float), 1),
 }
 
 CHECK_IDS = (
