@@ -114,9 +114,11 @@ def origin_allowed(scope: dict[str, Any], origin: str | None) -> bool:
 
 async def deny(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Refuse a WebSocket handshake: the server answers HTTP 403."""
-    from channels.security.websocket import WebsocketDenier
-
-    await WebsocketDenier.as_asgi()(scope, receive, send)
+    # Not channels' WebsocketDenier: as a consumer it would open a channel-layer channel (a
+    # Redis round trip) for every refused attempt.
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.close"})
 
 
 class OriginCheck:

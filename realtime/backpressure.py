@@ -18,6 +18,10 @@ Probe = Callable[[], int]
 # Seconds a slow client gets to read what is queued and the 4008 close behind it before the
 # server drops the TCP connection (autobahn's close handshake timeout, 1 s by default).
 SLOW_CLOSE_GRACE = 10.0
+# Longest a connection's own work (a reply, a replay) waits for its client to read what is
+# queued, checking every DRAIN_POLL seconds, before the client counts as slow.
+DRAIN_WAIT = 10.0
+DRAIN_POLL = 0.01
 
 
 def find_protocol(send: Any) -> Any:

@@ -51,6 +51,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         self._gone = asyncio.Event()
         self._raw_send = send
         self._queued = backpressure.probe(send)
+        self._own_task = asyncio.current_task()
 
         async def receive_watching() -> Any:
             message = await receive()
@@ -138,18 +139,34 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             # it): the frame is dropped, as the client resumes with after_seq.
             logger.debug("realtime: dropped a frame for a closed connection: %s", exc)
             return
-        if self._queued is not None and self.session is not None:
-            pending = self._queued()
-            if pending > conf.REALTIME_MAX_BUFFERED_BYTES:
-                # The client stopped reading: close (4008) rather than buffer without bound
-                # or skip frames. Everything before the close is in order; it resumes with
-                # after_seq. It gets a grace period to read up to the close frame.
-                self._slow = True
-                logger.warning(
-                    "realtime: slow consumer with %d bytes pending; closing with 4008", pending
-                )
-                backpressure.allow_close_grace(self._raw_send)
-                await self.session.abort(CloseCode.SLOW_CONSUMER)
+        if self._queued is None or self.session is None:
+            return
+        limit = conf.REALTIME_MAX_BUFFERED_BYTES
+        pending = self._queued()
+        if pending <= limit:
+            return
+        # Replies, replays and gap fills run in this connection's own tasks: they may wait
+        # for the client to take what is queued (a large replay is not a slow client). The
+        # hub's deliveries must never wait (every other connection would), so there a client
+        # over the limit has stopped reading: close it (4008) rather than buffer without
+        # bound or skip frames. Everything before the close is in order; it resumes with
+        # after_seq, and it gets a grace period to read up to the close frame.
+        own = asyncio.current_task() is self._own_task or self.session.in_background_fill()
+        if own and await self._drained(limit // 2):
+            return
+        self._slow = True
+        logger.warning("realtime: slow consumer with %d bytes pending; closing with 4008", pending)
+        backpressure.allow_close_grace(self._raw_send)
+        await self.session.abort(CloseCode.SLOW_CONSUMER)
+
+    async def _drained(self, target: int) -> bool:
+        """Wait (bounded) until at most ``target`` bytes are queued; False if that never came."""
+        assert self._queued is not None
+        for _ in range(int(backpressure.DRAIN_WAIT / backpressure.DRAIN_POLL)):
+            if self._queued() <= target or self._gone.is_set():
+                return True
+            await asyncio.sleep(backpressure.DRAIN_POLL)
+        return False
 
     async def _close(self, code: int) -> None:
         await self.close(code=int(code))

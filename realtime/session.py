@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -175,7 +176,7 @@ class Session:
             await self.abort(CloseCode.RATE_LIMITED)
             return False
         await self._error(
-            ErrorCode.RATE_LIMITED, f"at most {rate} frames", None, round(retry_after, 3)
+            ErrorCode.RATE_LIMITED, f"at most {rate} frames", None, _ceil_ms(retry_after)
         )
         return False
 
@@ -385,7 +386,7 @@ class Session:
         except Exception as exc:
             raise Unavailable() from exc
         if retry_after is not None:
-            raise RateLimited(f"at most {rate} {what}", retry_after=round(retry_after, 3))
+            raise RateLimited(f"at most {rate} {what}", retry_after=_ceil_ms(retry_after))
 
     async def on_history(self, frame: Frame) -> None:
         assert frame.room is not None
@@ -464,6 +465,10 @@ class Session:
             return
         await self.emit(frame)
 
+    def in_background_fill(self) -> bool:
+        """True when called from one of this session's gap-fill tasks."""
+        return asyncio.current_task() in self._fills
+
     def _start_fill(self, state: RoomState) -> None:
         state.mode = RoomMode.FILLING
         task = asyncio.create_task(self._fill(state))
@@ -519,6 +524,11 @@ class Session:
                     await self.emit(services.message_frame(message))
             # Seqs absent from the database were deleted: nothing to wait for.
             state.last_seq = max(state.last_seq, upto)
+
+
+def _ceil_ms(seconds: float) -> float:
+    """``seconds`` rounded up to the millisecond: a retry_after never reads 0."""
+    return math.ceil(seconds * 1000) / 1000
 
 
 def _recheck(
