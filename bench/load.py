@@ -27,6 +27,7 @@ from bench.wsclient import Connection
 HOST = "127.0.0.1"
 MARK = b"~B:"
 REQUEST_TIMEOUT = 30.0
+CONNECT_ATTEMPTS = 3
 
 
 def now_us() -> int:
@@ -69,6 +70,7 @@ class Generator:
         self._step_ids = 0
         self.publisher_ids = 0
         self.unexpected: Counter[str] = Counter()
+        self.failed_connects: Counter[str] = Counter()
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -154,21 +156,30 @@ class Generator:
         return self.publisher_ids
 
     async def open_many(
-        self, stack: Stack, specs: list[tuple[str, str]], concurrency: int = 100
+        self, stack: Stack, specs: list[tuple[str, str]], concurrency: int = 50
     ) -> list[Connection]:
-        """Open one client per (cookie, room), ``concurrency`` handshakes in flight."""
+        """Open one client per (cookie, room), ``concurrency`` handshakes in flight.
+
+        A refused or reset handshake (a full listen backlog) is retried, at most
+        ``CONNECT_ATTEMPTS`` times; clients that never connect are counted in
+        ``self.failed_connects`` and left out.
+        """
         gate = asyncio.Semaphore(concurrency)
         conns: list[Connection | None] = [None] * len(specs)
 
         async def one(i: int, cookie: str, room: str) -> None:
+            last: BaseException | None = None
             async with gate:
-                conns[i] = await self.open(stack, i, cookie, room)
+                for attempt in range(CONNECT_ATTEMPTS):
+                    try:
+                        conns[i] = await self.open(stack, i, cookie, room)
+                        return
+                    except (OSError, TimeoutError, RuntimeError) as exc:
+                        last = exc
+                        await asyncio.sleep(0.2 * (attempt + 1))
+                self.failed_connects[f"{stack.name}: {type(last).__name__}"] += 1
 
-        try:
-            await asyncio.gather(*(one(i, c, r) for i, (c, r) in enumerate(specs)))
-        except BaseException:
-            close_all([c for c in conns if c is not None])
-            raise
+        await asyncio.gather(*(one(i, c, r) for i, (c, r) in enumerate(specs)))
         return [c for c in conns if c is not None]
 
     # -- sending -----------------------------------------------------------------------------

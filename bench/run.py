@@ -59,7 +59,7 @@ def config() -> Config:
         rooms_rate=_num("BENCH_ROOMS_RATE", 0.5),
         rooms_seconds=_num("BENCH_ROOMS_SECONDS", 10),
         idle_connections=int(_num("BENCH_IDLE_CONNECTIONS", 3000)),
-        idle_concurrency=int(_num("BENCH_IDLE_CONCURRENCY", 100)),
+        idle_concurrency=int(_num("BENCH_IDLE_CONCURRENCY", 50)),
         sends_senders=int(_num("BENCH_SENDS_SENDERS", 40)),
         sends_rooms=int(_num("BENCH_SENDS_ROOMS", 8)),
     )
@@ -160,7 +160,7 @@ def _ge(values: dict[str, Any], limit: float) -> bool | None:
 
 async def run_scenarios(
     stacks: list[Stack], cookies: list[str], redis_pid: int, cfg: Config, results: Path
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]], dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]], dict[str, Any], dict[str, Any]]:
     gen = Generator()
     runner = Runner(gen, stacks, cookies, redis_pid, cfg)
     rows: list[dict[str, Any]] = []
@@ -179,7 +179,7 @@ async def run_scenarios(
         print(f"  {row['scenario']:<12} {row['step']:<24} {row['stack']:<9} {brief}{extra}")
         sys.stdout.flush()
 
-    scenarios = os.environ.get("BENCH_SCENARIOS", "idle,fanout,rooms,sends").split(",")
+    scenarios = os.environ.get("BENCH_SCENARIOS", "idle,fanout,rooms,sends,profile").split(",")
     started = time.monotonic()
     for scenario in scenarios:
         print(f"-- {scenario} ({time.monotonic() - started:.0f} s in)")
@@ -196,7 +196,10 @@ async def run_scenarios(
             profiles = await profile_fanout(runner, stacks, cfg, results)
     if gen.unexpected:
         print(f"unexpected replies: {dict(gen.unexpected)}")
-    return rows, saturation, profiles
+    if gen.failed_connects:
+        print(f"clients that could not connect: {dict(gen.failed_connects)}")
+    problems = {"unexpected": dict(gen.unexpected), "failed_connects": dict(gen.failed_connects)}
+    return rows, saturation, profiles, problems
 
 
 async def profile_fanout(
@@ -270,7 +273,7 @@ def main() -> int:
 
             loop_factory = uvloop.new_event_loop
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            rows, saturation, profiles = runner.run(
+            rows, saturation, profiles, problems = runner.run(
                 run_scenarios(stacks, cookies, redis.process.pid, cfg, results)
             )
         logs = {
@@ -294,6 +297,7 @@ def main() -> int:
         "saturation": saturation,
         "summary": summary,
         "profiles": profiles,
+        "problems": problems,
         "tracebacks": {k: len(v) for k, v in logs.items()},
     }
     report.write_json(results / "bench.json", data)

@@ -25,6 +25,14 @@ MESSAGE = "realtime.message"
 EPHEMERAL = "realtime.ephemeral"
 CONTROL = "realtime.control"
 
+# How long the hub holds a room's broadcast that arrived ahead of the seq it expects, waiting
+# for the missing ones. Two processes that send into one room publish seq N and N + 1 from
+# separate event loops, and a loop busy fanning out publishes late: without this window every
+# local session would see the jump and read the gap from the database (one query per
+# session), though the missing broadcast arrives a few milliseconds later. A broadcast the
+# layer really lost costs this much latency before the sessions fill the gap as before.
+REORDER_WINDOW = 0.05
+
 
 def room_group(room: str) -> str:
     """The channel-layer group name of a room."""
@@ -63,6 +71,11 @@ class Hub:
         self.messages_received = 0
         self.deliveries = 0
         self._lock = asyncio.Lock()
+        # Per room: the seq the hub expects next, and broadcasts held because they came early.
+        self._next_seq: dict[str, int] = {}
+        self._early: dict[str, dict[int, dict[str, Any]]] = {}
+        self._deliver_lock = asyncio.Lock()
+        self.reordered = 0  # broadcasts that arrived early and were put back in order
         self._tasks: list[asyncio.Task[None]] = []
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {
             MESSAGE: self._on_message,
@@ -100,6 +113,8 @@ class Hub:
         if subscribers:
             return
         del self.rooms[room]
+        self._next_seq.pop(room, None)
+        self._early.pop(room, None)
         async with self._lock:
             if room in self.rooms or room not in self.subscribed or self.channel is None:
                 return
@@ -153,6 +168,45 @@ class Hub:
         return True
 
     async def _on_message(self, message: dict[str, Any]) -> None:
+        room, seq = message["room"], message["seq"]
+        async with self._deliver_lock:
+            expected = self._next_seq.get(room)
+            if expected is not None and seq > expected:
+                # Early: hold it for the missing seqs (one flush per room after the window).
+                early = self._early.setdefault(room, {})
+                if not early:
+                    self.own(asyncio.create_task(self._flush_later(room)))
+                early[seq] = message
+                return
+            await self._deliver(message)
+            if expected is None or seq == expected:
+                await self._deliver_held(room, seq + 1)
+
+    async def _deliver_held(self, room: str, next_seq: int) -> None:
+        """Deliver held broadcasts that now continue the room's seq; note what comes next."""
+        early = self._early.get(room)
+        while early and next_seq in early:
+            self.reordered += 1
+            await self._deliver(early.pop(next_seq))
+            next_seq += 1
+        if room in self.rooms:
+            self._next_seq[room] = next_seq
+        if not early:
+            self._early.pop(room, None)
+
+    async def _flush_later(self, room: str) -> None:
+        await asyncio.sleep(REORDER_WINDOW)
+        async with self._deliver_lock:
+            early = self._early.pop(room, None)
+            if not early:
+                return
+            # The missing seqs did not come: deliver in order; sessions fill the gap.
+            for seq in sorted(early):
+                await self._deliver(early[seq])
+            if room in self.rooms:
+                self._next_seq[room] = max(early) + 1
+
+    async def _deliver(self, message: dict[str, Any]) -> None:
         room, seq, frame = message["room"], message["seq"], message["frame"]
         subscribers = list(self.rooms.get(room, ()))
         self.messages_received += 1
@@ -204,6 +258,8 @@ class Hub:
         self._tasks = []
         self.channel = None
         self.subscribed.clear()
+        self._next_seq.clear()
+        self._early.clear()
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()

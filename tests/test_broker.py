@@ -101,3 +101,51 @@ async def test_messages_for_other_rooms_are_not_delivered():
     assert [g[0] for g in team.got] == ["team"]
     assert [g[0] for g in lobby.got] == ["lobby"]
     await hub.close()
+
+
+async def test_a_broadcast_ahead_of_its_predecessor_waits_for_it():
+    # Two processes publish seq 2 and 3 of one room; 3 reaches this hub first.
+    layer = RestartingLayer()
+    hub = broker.Hub(layer)
+    sub = Recorder()
+    await hub.subscribe("lobby", sub)
+    await send(layer, "lobby", 1)
+    await wait_for(sub, 1)
+    await send(layer, "lobby", 3)
+    await asyncio.sleep(broker.REORDER_WINDOW / 5)
+    assert [g[1] for g in sub.got] == [1]  # held, not handed on as a gap
+    await send(layer, "lobby", 2)
+    await wait_for(sub, 3)
+    assert [g[1] for g in sub.got] == [1, 2, 3]
+    assert hub.reordered == 1
+    await hub.close()
+
+
+async def test_a_broadcast_whose_predecessor_is_lost_comes_after_the_window():
+    layer = RestartingLayer()
+    hub = broker.Hub(layer)
+    sub = Recorder()
+    await hub.subscribe("lobby", sub)
+    await send(layer, "lobby", 1)
+    await wait_for(sub, 1)
+    await send(layer, "lobby", 4)  # 2 and 3 never come: the session fills them
+    await send(layer, "lobby", 5)
+    await wait_for(sub, 3)
+    assert [g[1] for g in sub.got] == [1, 4, 5]
+    await send(layer, "lobby", 6)  # and the hub follows on from 5
+    await wait_for(sub, 4)
+    assert [g[1] for g in sub.got] == [1, 4, 5, 6]
+    await hub.close()
+
+
+async def test_a_repeated_broadcast_is_handed_on_at_once():
+    # A send retried with its client_msg_id is broadcast again with its old seq.
+    layer = RestartingLayer()
+    hub = broker.Hub(layer)
+    sub = Recorder()
+    await hub.subscribe("lobby", sub)
+    for seq in (1, 2, 1):
+        await send(layer, "lobby", seq)
+    await wait_for(sub, 3)
+    assert [g[1] for g in sub.got] == [1, 2, 1]
+    await hub.close()
