@@ -30,7 +30,7 @@ from realtime.conf import conf
 from realtime.errors import RealtimeError, Unavailable
 from realtime.protocol import ErrorCode, FrameError, ServerType
 from realtime.session import MAX_PENDING, Session
-from realtime.sse import authenticate, refusal
+from realtime.sse import authenticate, finished, refusal
 
 # Frames that, alone, are no reason to answer before the timeout: every poll's session says
 # hello, and a join that resumes cleanly says ack (recovered) and presence_state.
@@ -44,6 +44,7 @@ class Poll:
         self.frames: list[dict[str, Any]] = []
         self.news = asyncio.Event()
         self.done = asyncio.Event()
+        self.request_task = asyncio.current_task()  # writes the answer; a drain waits for it
 
     async def emit(self, text: str) -> None:
         if len(self.frames) >= MAX_PENDING:
@@ -65,6 +66,7 @@ class Poll:
         """Answer at once (graceful drain); the client polls another process next."""
         self.news.set()
         await self.done.wait()
+        await finished(self.request_task)
 
 
 def _timeout(request: HttpRequest) -> float:

@@ -51,6 +51,16 @@ def refusal(frame: dict[str, Any]) -> HttpResponse:
     )
 
 
+async def finished(task: asyncio.Task[Any] | None) -> None:
+    """Wait (bounded) until the task that writes a response is done.
+
+    A drain must not let the server shut down while a response is still being handed to it:
+    daphne drops whatever an application has not sent when its reactor stops.
+    """
+    if task is not None and not task.done() and task is not asyncio.current_task():
+        await asyncio.wait({task}, timeout=drain.DRAIN_TIMEOUT)
+
+
 class Stream:
     """One SSE client: the frames its session emitted, waiting to be written."""
 
@@ -61,6 +71,8 @@ class Stream:
         self.ended = False
         self.close_code: int | None = None
         self.done = asyncio.Event()
+        # The task that writes the response (Django's): a drain waits until it has finished.
+        self.request_task = asyncio.current_task()
 
     async def emit(self, text: str) -> None:
         if self.ended:
@@ -88,6 +100,7 @@ class Stream:
         """End the stream (graceful drain); returns once the response is finished."""
         self.end(code)
         await self.done.wait()
+        await finished(self.request_task)
 
     def event(self, text: str, frame: dict[str, Any]) -> bytes:
         self.tracker.see(frame)

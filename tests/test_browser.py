@@ -39,7 +39,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ARTIFACTS = servers.REPO_ROOT / "test-artifacts"
-WAIT_MS = 20_000  # any expected change on a page
+WAIT_MS = 30_000  # any expected change on a page (generous: CI machines can be loaded)
 RECONNECT_MS = 45_000  # a page noticing a restarted server (backoff caps at 30 s)
 CSRF = "browsertestcsrftoken0123456789ab"
 XSS = "<img src=x onerror=window.__xss=1> and <script>window.__xss=2</script> done"
@@ -373,3 +373,50 @@ def test_client_falls_back_when_websocket_fails_and_upgrades_later(site, pages):
     received = page.evaluate("window.__log.messages")
     assert received == list(range(received[0], sent["seq"] + 1)), received
     assert received[0] <= first and sent["seq"] == second + 1
+
+
+ROOMS_SCRIPT = """
+async (kind) => {
+  const log = (window.__rooms = {lobby: [], team: [], acks: []});
+  const client = (window.__c = new Realtime.Client({transports: [kind]}));
+  const handlers = (room) => ({
+    onMessage: (m) => log[room].push(m.seq),
+    onJoin: (a) => log.acks.push(a.room),
+  });
+  client.join("lobby", handlers("lobby"));
+  client.connect();
+  // Joined while the first connection is still on its way: it must follow both rooms.
+  client.join("team", handlers("team"));
+}
+"""
+
+
+@pytest.mark.parametrize("kind", ["websocket", "sse", "longpoll"])
+def test_client_follows_rooms_joined_and_left_while_connected(site, pages, kind):
+    page = pages("alice", site.a)
+    page.evaluate(ROOMS_SCRIPT, kind)
+    page.wait_for_function(
+        "(k) => window.__c.state === 'live' && window.__c.transport === k", arg=kind
+    )
+    page.wait_for_function(
+        "window.__rooms.acks.includes('lobby') && window.__rooms.acks.includes('team')"
+    )
+    bob_cookie = servers.login(site.b, "bob")
+    team = api_post(site.b, bob_cookie, "team", f"team over {kind}")["seq"]
+    lobby = api_post(site.b, bob_cookie, "lobby", f"lobby over {kind}")["seq"]
+    page.wait_for_function(
+        "([t, l]) => window.__rooms.team.includes(t) && window.__rooms.lobby.includes(l)",
+        arg=[team, lobby],
+    )
+
+    page.evaluate("window.__c.leave('lobby')")
+    page.wait_for_function("window.__c.state === 'live'")
+    after = api_post(site.b, bob_cookie, "team", "team again")["seq"]
+    ignored = api_post(site.b, bob_cookie, "lobby", "lobby after leaving")["seq"]
+    page.wait_for_function("(t) => window.__rooms.team.includes(t)", arg=after)
+    # Had the left room still been followed, its message would have come before this one.
+    last = api_post(site.b, bob_cookie, "team", "team last")["seq"]
+    page.wait_for_function("(t) => window.__rooms.team.includes(t)", arg=last)
+    log = page.evaluate("window.__rooms")
+    assert log["lobby"] == [lobby] and ignored not in log["lobby"], log
+    assert log["team"] == [team, after, last], log

@@ -751,3 +751,87 @@ async def test_drain_ends_sse_streams_and_answers_waiting_polls(in_process, user
     assert json.loads((await late.chunk())["body"])["error"]["code"] == "unavailable"
     for request in (stream, poll, late):
         await asyncio.wait_for(request.task, 5)
+
+
+# -- behind nginx, and through a drain -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nginx_stack(tmp_path_factory):
+    """The deployed topology (PostgreSQL, two daphnes per the systemd unit, nginx)."""
+    from tests import servers
+
+    with servers.seeded_postgres_template() as template:
+        workdir = tmp_path_factory.mktemp("transports-nginx")
+        with servers.deployed_stack(workdir, template) as stack:
+            yield stack
+    bad = {name: text for name, text in stack.logs().items() if tracebacks(text)}
+    assert not bad, bad
+
+
+async def test_sse_and_longpoll_through_nginx_are_not_buffered(nginx_stack):
+    nginx = nginx_stack.nginx
+    cookie = f"{login(nginx_stack.servers[0], 'bob')}; csrftoken={CSRF}"
+    alice = f"{login(nginx_stack.servers[1], 'alice')}; csrftoken={CSRF}"
+    sub = SseSub("bob@nginx")
+    started = time.monotonic()
+    await sub.open(nginx, cookie, "lobby", None)  # the first events pass at once
+    head = sub.join_ack("lobby")["seq"]
+    poll = PollSub("carol@nginx")
+    await poll.open(nginx, alice, "lobby", None)
+    query = urllib.parse.urlencode({"rooms": "lobby", "cursor": poll.cursor, "timeout": 20})
+    waiting = asyncio.create_task(http_json(nginx, "GET", f"/realtime/poll/?{query}", alice))
+    sent = await sub.send(nginx, alice, "lobby", {"via": "nginx"})
+    assert sent["seq"] == head + 1
+    await sub.wait_for(lambda f: f["type"] == "message" and f["seq"] == head + 1)
+    status, body = await asyncio.wait_for(waiting, WAIT)
+    assert status == 200 and [f["seq"] for f in body["frames"] if f["type"] == "message"] == [
+        head + 1
+    ]
+    assert time.monotonic() - started < 10
+    await sub.close()
+
+
+async def test_sigterm_ends_sse_streams_and_answers_polls_then_they_resume_elsewhere(tmp_path):
+    with realtime_stack(tmp_path, daphnes=2) as stack:
+        a, b = stack.servers
+        bob = f"{login(a, 'bob')}; csrftoken={CSRF}"
+        alice = f"{login(b, 'alice')}; csrftoken={CSRF}"
+        sub = SseSub("bob@A")
+        await sub.open(a, bob, "lobby", None)
+        head = sub.join_ack("lobby")["seq"]
+        first = await sub.send(b, alice, "lobby", {"n": 0})
+        await sub.wait_for(lambda f: f["type"] == "message" and f["seq"] == first["seq"])
+        poll = PollSub("bob@A/poll")
+        await poll.open(a, bob, "lobby", None)
+        query = urllib.parse.urlencode({"rooms": "lobby", "cursor": poll.cursor, "timeout": 20})
+        waiting = asyncio.create_task(http_json(a, "GET", f"/realtime/poll/?{query}", bob))
+        for _ in range(MAX_READS):  # until A serves both (its health counts them)
+            status, health = await http_json(a, "GET", "/healthz", None)
+            if health["checks"]["process"].get("connections", 0) >= 2:
+                break
+            await asyncio.sleep(0.05)  # polling interval of a bounded wait
+        started = time.monotonic()
+        code = await asyncio.to_thread(a.process.terminate, 20)
+        drained = time.monotonic() - started
+        assert code == 0, a.process.log()
+        status, body = await asyncio.wait_for(waiting, WAIT)
+        assert status == 200 and body["cursor"] == poll.cursor, body
+        rest = []
+        for _ in range(MAX_READS):
+            line = await asyncio.wait_for(sub.http.readline(), WAIT)
+            if line is None:
+                break
+            rest.append(line)
+        assert ": closed 1012" in rest, rest
+        missed = [(await sub.send(b, alice, "lobby", {"n": n}))["seq"] for n in range(1, 6)]
+
+        again = SseSub("bob@B")
+        await again.open(b, bob, "lobby", sub.resume_token("lobby"))
+        assert again.join_ack("lobby")["recovered"] is True
+        await again.wait_for(lambda f: f["type"] == "message" and f["seq"] == missed[-1])
+        assert_exactly(again.messages("lobby"), head + 2, missed[-1], again.label)
+        await again.close()
+        assert "draining" in a.process.log() and "still open after" not in a.process.log()
+        assert not tracebacks(a.process.log()), a.process.log()
+        print(f"drain of an SSE stream and a poll: {drained:.2f} s")

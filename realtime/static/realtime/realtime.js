@@ -760,8 +760,12 @@
       if (this._transportIndex > 0) this._scheduleUpgrade();
       else this._stopUpgrade();
       // Frames on one socket are handled in order, so sends issued after this see the rooms
-      // joined again. SSE and long-poll joined them with the request.
+      // joined again. SSE and long-poll joined them with the request: if a room was added
+      // while that request was on its way, follow the new set of rooms.
       conn.joinAll();
+      if (conn.rooms && Array.from(this._rooms.keys()).some((slug) => conn.rooms.indexOf(slug) === -1)) {
+        this._roomsChanged(null);
+      }
     }
 
     // -- rooms ----------------------------------------------------------------------------
