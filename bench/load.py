@@ -67,6 +67,7 @@ class Generator:
 
     def __init__(self) -> None:
         self.step: Step | None = None
+        self.steps: dict[int, Step] = {}
         self._step_ids = 0
         self.publisher_ids = 0
         self.unexpected: Counter[str] = Counter()
@@ -84,8 +85,10 @@ class Generator:
         step_id, pub, n, sent = (int(x) for x in payload[i + 3 : j].split(b":"))
         step = self.step
         if step is None or step.id != step_id:
-            if step is not None:
-                step.late += 1
+            # After its step's drain: counted as late for that step, not as a delivery.
+            old = self.steps.get(step_id)
+            if old is not None:
+                old.late += 1
             return
         state = conn.state
         if state.get("step") != step_id:
@@ -200,7 +203,7 @@ class Generator:
 
     def begin(self) -> Step:
         self._step_ids += 1
-        self.step = Step(self._step_ids)
+        self.step = self.steps[self._step_ids] = Step(self._step_ids)
         return self.step
 
 
@@ -312,5 +315,5 @@ def summarise(
         "acks": step.acks,
         "ack_p50_ms": round(percentile(ack, 0.50) / 1000, 2),
         "ack_p99_ms": round(percentile(ack, 0.99) / 1000, 2),
-        "late": step.late,
+        "step_id": step.id,
     }

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.servers import VENV_BIN
+from tests.servers import REPO_ROOT, VENV_BIN
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
@@ -31,9 +31,14 @@ def start(
     for pid in pids:
         argv = [binary, "record", "--format", "raw", "--rate", "200", "--nonblocking"]
         argv += ["--duration", str(max(1, int(seconds))), "--pid", str(pid)]
-        argv += ["--output", str(outdir / f"profile-{label}-{pid}.txt")]
+        argv += ["--output", str(profile_path(outdir, label, pid))]
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return procs
+
+
+def profile_path(outdir: Path, label: str, pid: int) -> Path:
+    """py-spy's collapsed stacks (flamegraph.pl and speedscope read them)."""
+    return outdir / f"profile-{label}-{pid}.folded"
 
 
 def finish(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
@@ -50,7 +55,7 @@ def _short(frame: str) -> str:
     if not match:
         return frame.strip()
     path = match["file"]
-    for marker in ("site-packages/", "/work/main/", "python3.11/"):
+    for marker in ("site-packages/", f"{REPO_ROOT}/", "python3.11/"):
         if marker in path:
             path = path.split(marker, 1)[1]
             break

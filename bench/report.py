@@ -16,6 +16,7 @@ STEP_COLUMNS = [
     ("p99_ms", "p99 ms", "{:.1f}"),
     ("max_ms", "max ms", "{:.0f}"),
     ("lost", "lost", "{}"),
+    ("late", "late", "{}"),
     ("duplicates", "dup", "{}"),
     ("out_of_order", "ooo", "{}"),
     ("errors", "err", "{}"),
@@ -125,11 +126,13 @@ def chart(path: Path, rows: list[dict[str, Any]], saturation: dict[str, dict[str
             pts = [r for r in rows if r["scenario"] == scenario and r["stack"] == stack]
             if not pts:
                 continue
-            style = styles[(si + fi * len(stacks)) % len(styles)]
-            label = f"{stack} {scenario}"
+            # Colour by stack (as in the bar charts), line style by room size.
+            style = dict(fmt=styles[fi % len(styles)], color=f"C{si}", label=f"{stack} {scenario}")
             xs = [r["offered_per_s"] for r in pts]
-            ax_cpu.plot(xs, [r["server_cpu_us_per_delivery"] for r in pts], style, label=label)
-            ax_p99.plot(xs, [max(r["p99_ms"], 0.1) for r in pts], style, label=label)
+            cpu = [r["server_cpu_us_per_delivery"] for r in pts]
+            ax_cpu.plot(xs, cpu, style["fmt"], color=style["color"], label=style["label"])
+            p99 = [max(r["p99_ms"], 0.1) for r in pts]
+            ax_p99.plot(xs, p99, style["fmt"], color=style["color"], label=style["label"])
     ax_cpu.set(
         title="Fan-out: server CPU per delivery",
         xlabel="offered deliveries/s",
@@ -151,7 +154,7 @@ def chart(path: Path, rows: list[dict[str, Any]], saturation: dict[str, dict[str
     for si, stack in enumerate(stacks):
         values = [saturation.get(s, {}).get(stack, 0) for s in fanouts]
         xs = [i + si * width for i in range(len(fanouts))]
-        bars = ax_sat.bar(xs, values, width, label=stack)
+        bars = ax_sat.bar(xs, values, width, label=stack, color=f"C{si}")
         ax_sat.bar_label(bars, fontsize=7)
     ax_sat.set_xticks([i + width * (len(stacks) - 1) / 2 for i in range(len(fanouts))], fanouts)
     ax_sat.set(title="Saturation: highest deliveries/s with p99 <= 250 ms, 0 lost")
@@ -159,7 +162,9 @@ def chart(path: Path, rows: list[dict[str, Any]], saturation: dict[str, dict[str
     idle = [r for r in rows if r["scenario"] == "idle"]
     if idle:
         bars = ax_idle.bar(
-            [r["stack"] for r in idle], [r["rss_kb_per_connection"] for r in idle], color="C1"
+            [r["stack"] for r in idle],
+            [r["rss_kb_per_connection"] for r in idle],
+            color=[f"C{stacks.index(r['stack'])}" for r in idle],
         )
         ax_idle.bar_label(bars, fmt="%.1f KB", fontsize=8)
         ax_idle.set(title="Idle: RSS per connection (KB)")
@@ -177,3 +182,40 @@ def chart(path: Path, rows: list[dict[str, Any]], saturation: dict[str, dict[str
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """Markdown tables of a bench.json (for docs/performance.md)."""
+    out: list[str] = []
+    rows = data["rows"]
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    for scenario in scenarios:
+        columns = _columns(scenario)
+        out.append(f"\n**{scenario}**\n")
+        out.append("| step | stack | " + " | ".join(t for _, t, _ in columns) + " | ok |")
+        out.append("|---" * (len(columns) + 3) + "|")
+        for row in (r for r in rows if r["scenario"] == scenario):
+            ok = {True: "yes", False: "no"}.get(row.get("passed"), "")
+            cells = " | ".join(_cell(row, key, fmt) for key, _, fmt in columns)
+            out.append(f"| {row['step']} | {row['stack']} | {cells} | {ok} |")
+    summary = data["summary"]
+    names = _stack_names(summary)
+    out.append("\n| figure | " + " | ".join(names) + " | target | met |")
+    out.append("|---" * (len(names) + 3) + "|")
+    for item in summary:
+        values = " | ".join(str(item["values"].get(n, "-")) for n in names)
+        met = {True: "yes", False: "no"}.get(item.get("met"), "")
+        out.append(f"| {item['figure']} | {values} | {item['target']} | {met} |")
+    for name, prof in data.get("profiles", {}).items():
+        out.append(f"\n{name} (own samples, top 12 of {prof['samples']}):\n")
+        out.append("| % | frame |")
+        out.append("|---|---|")
+        for entry in prof["own"][:12]:
+            out.append(f"| {entry['percent']} | `{entry['frame']}` |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text())))

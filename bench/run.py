@@ -198,6 +198,12 @@ async def run_scenarios(
         print(f"unexpected replies: {dict(gen.unexpected)}")
     if gen.failed_connects:
         print(f"clients that could not connect: {dict(gen.failed_connects)}")
+    for row in rows:
+        # Deliveries that came after their step's drain (while later steps ran).
+        step = gen.steps.get(row.pop("step_id", -1))
+        if step is not None and "lost" in row:
+            row["late"] = step.late
+            row["lost"] = max(0, row["lost"] - step.late)
     problems = {"unexpected": dict(gen.unexpected), "failed_connects": dict(gen.failed_connects)}
     return rows, saturation, profiles, problems
 
@@ -228,7 +234,7 @@ async def profile_fanout(
             await runner.fanout(size, lambda row: None)
             profile.finish(procs)
             procs.clear()
-            files = [results / f"profile-{stack.name}-{pid}.txt" for pid in stack.pids]
+            files = [profile.profile_path(results, stack.name, pid) for pid in stack.pids]
             out[stack.name] = {"rate": rate, "subscribers": size, **profile.summarise(files)}
     finally:
         runner.on_step = None
