@@ -105,7 +105,11 @@ def origin_allowed(scope: dict[str, Any], origin: str | None) -> bool:
     scheme, host, port = parsed
     if scheme != request_scheme(scope):
         return False
-    if not validate_host(host, list(settings.ALLOWED_HOSTS)):
+    allowed_hosts = list(settings.ALLOWED_HOSTS)
+    if settings.DEBUG and not allowed_hosts:
+        # Django's own fallback for requests (HttpRequest.get_host) while developing.
+        allowed_hosts = [".localhost", "127.0.0.1", "[::1]"]
+    if not validate_host(host, allowed_hosts):
         return False
     _, host_port = split_domain_port(_header(scope, b"host") or "")
     expected = int(host_port) if host_port.isdigit() else _DEFAULT_PORTS[scheme]

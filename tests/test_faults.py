@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -44,6 +45,10 @@ SEND_PACE = 0.05  # seconds between two sends of the steady stream
 IDLE_SECONDS = 35
 
 
+def _origin_of(ws_url: str) -> str:
+    return "http://" + urlsplit(ws_url).netloc
+
+
 class Disconnected(Exception):
     """The connection a request was sent on closed before its reply came."""
 
@@ -55,7 +60,6 @@ class Member:
         self.label = label
         self.first_url = first_url
         self.url = stack.nginx.ws_url  # every reconnect goes through nginx
-        self.origin = stack.nginx.base_url
         self.cookie = cookie
         self.options = options
         self.seqs: list[int] = []
@@ -94,7 +98,9 @@ class Member:
             try:
                 async with connect(
                     url,
-                    additional_headers={"Origin": self.origin, "Cookie": self.cookie},
+                    # The page's origin is the server it talks to (the Origin check matches
+                    # scheme, host and port): nginx's, or a daphne's when it is reached directly.
+                    additional_headers={"Origin": _origin_of(url), "Cookie": self.cookie},
                     proxy=None,
                     open_timeout=10,
                     close_timeout=5,

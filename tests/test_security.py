@@ -602,3 +602,51 @@ def test_probe_finds_daphne_transport_behind_wrappers():
         pass
 
     assert backpressure.probe(plain) is None
+
+
+# -- system checks ---------------------------------------------------------------------------
+
+
+def check_ids(messages):
+    return [m.id for m in messages]
+
+
+def test_w005_recognises_the_origin_check_and_its_wildcards():
+    from realtime import checks
+
+    assert "realtime.W005" not in check_ids(checks.check_asgi_application(None))
+    with override_settings(ALLOWED_HOSTS=["*"]):
+        assert "realtime.W005" in check_ids(checks.check_asgi_application(None))
+    with override_settings(REALTIME_ALLOWED_ORIGINS=["*"]):
+        assert "realtime.W005" in check_ids(checks.check_asgi_application(None))
+    with override_settings(ALLOWED_HOSTS=["*"], REALTIME_ALLOWED_ORIGINS=["https://a.example"]):
+        assert "realtime.W005" not in check_ids(checks.check_asgi_application(None))
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (None, True),
+        (["https://a.example", "http://localhost:8000"], True),
+        (("*",), True),
+        ("https://a.example", False),  # a string, not a list
+        (["a.example"], False),  # no scheme
+        (["https://a.example/path"], False),
+        ([1], False),
+    ],
+)
+def test_e003_validates_allowed_origins(value, ok):
+    from realtime import checks
+
+    with override_settings(REALTIME_ALLOWED_ORIGINS=value):
+        errors = [m for m in checks.check_settings(None) if "ALLOWED_ORIGINS" in m.msg]
+    assert (errors == []) is ok, errors
+
+
+@override_settings(ALLOWED_HOSTS=[], DEBUG=True, REALTIME_ALLOWED_ORIGINS=None)
+def test_debug_without_allowed_hosts_allows_local_origins_like_django():
+    assert auth.origin_allowed(scope("127.0.0.1:8000"), "http://127.0.0.1:8000")
+    assert auth.origin_allowed(scope("localhost:8000"), "http://localhost:8000")
+    assert not auth.origin_allowed(scope("example.com"), "http://example.com")
+    with override_settings(DEBUG=False):
+        assert not auth.origin_allowed(scope("127.0.0.1:8000"), "http://127.0.0.1:8000")
