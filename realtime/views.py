@@ -11,6 +11,7 @@ import functools
 import hmac
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -21,10 +22,10 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from realtime import auth, publishing, services
+from realtime import auth, publishing, ratelimit, services
 from realtime import presence as presence_state
 from realtime.conf import conf
-from realtime.errors import RealtimeError, Unauthorized, Unavailable
+from realtime.errors import RateLimited, RealtimeError, Unauthorized, Unavailable
 from realtime.models import Room
 from realtime.protocol import (
     HISTORY_DEFAULT_LIMIT,
@@ -237,6 +238,7 @@ def _send(request: HttpRequest, slug: str) -> HttpResponse:
         conf.REALTIME_MAX_PAYLOAD_BYTES,
     )
     assert frame.payload is not None
+    _spend_send_budget(request.user.pk)
     result = services.append_message(slug, request.user, frame.payload, frame.client_msg_id)
     try:
         # A retry broadcasts again, as on the WebSocket: the first attempt may not have.
@@ -246,6 +248,26 @@ def _send(request: HttpRequest, slug: str) -> HttpResponse:
             "the message is stored but could not be broadcast; retry with the same client_msg_id"
         ) from exc
     return JsonResponse(result.message, status=201 if result.created else 200)
+
+
+async def _send_budget(user_pk: Any) -> float | None:
+    rate = ratelimit.parse_rate(conf.REALTIME_SEND_RATE)
+    return await ratelimit.get_limiter().hit(f"send:{user_pk}", rate)
+
+
+def _spend_send_budget(user_pk: Any) -> None:
+    """REALTIME_SEND_RATE, shared with the WebSocket's sends (one budget per user)."""
+    try:
+        retry_after = publishing.run_sync(_send_budget, user_pk)
+    except RealtimeError:
+        raise
+    except Exception as exc:
+        raise Unavailable() from exc
+    if retry_after is not None:
+        raise RateLimited(
+            f"at most {conf.REALTIME_SEND_RATE} messages",
+            retry_after=math.ceil(retry_after * 1000) / 1000,
+        )
 
 
 @api("GET")

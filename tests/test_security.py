@@ -650,3 +650,28 @@ def test_debug_without_allowed_hosts_allows_local_origins_like_django():
     assert not auth.origin_allowed(scope("example.com"), "http://example.com")
     with override_settings(DEBUG=False):
         assert not auth.origin_allowed(scope("127.0.0.1:8000"), "http://127.0.0.1:8000")
+
+
+@override_settings(REALTIME_SEND_RATE="2/10s")
+def test_http_sends_share_the_users_send_rate(users, rooms):
+    client = HttpClient(enforce_csrf_checks=True)
+    client.force_login(users["alice"])
+    client.get("/accounts/login/")
+    token = client.cookies["csrftoken"].value
+    url = reverse("realtime:messages", kwargs={"room": "lobby"})
+
+    def post(n):
+        return client.post(
+            url,
+            data=json.dumps({"payload": {"n": n}}),
+            content_type="application/json",
+            HTTP_X_CSRFTOKEN=token,
+        )
+
+    assert [post(n).status_code for n in range(2)] == [201, 201]
+    limited = post(2)
+    assert limited.status_code == 429, limited.content
+    error = limited.json()["error"]
+    assert error["code"] == "rate_limited" and error["retry_after"] > 0
+    assert int(limited["Retry-After"]) >= 1
+    assert Message.objects.count() == 2
