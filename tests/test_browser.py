@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright import sync_api as playwright_sync  # requirements-dev.txt; never skipped
 
 from tests import servers
 from tests.servers import DaphneServer, Process
 
 pytestmark = pytest.mark.integration
 
-playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
