@@ -19,62 +19,31 @@ import pytest
 import redis
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
-from channels.testing import WebsocketCommunicator
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import close_old_connections, connection, transaction
 
 from realtime import broker, publishing, services
-from realtime.consumers import RealtimeConsumer
 from realtime.errors import Forbidden, RoomNotFound, Unavailable
 from realtime.layers import channel_layer
 from realtime.models import Message, Room
 from realtime.publishing import InvalidMessage, apublish, publish
 from tests import servers
+from tests.wsclient import Client
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 TIMEOUT = 10
 
 
-class Socket:
-    """A WebSocket session joined to rooms, reading message frames."""
-
-    def __init__(self, user):
-        self.comm = WebsocketCommunicator(RealtimeConsumer.as_asgi(), "/ws/")
-        self.comm.scope["user"] = user
-
-    async def open(self):
-        connected, _ = await self.comm.connect(timeout=TIMEOUT)
-        assert connected
-        assert (await self.recv())["type"] == "hello"
-
-    async def recv(self, wait=TIMEOUT):
-        return json.loads(await self.comm.receive_from(timeout=wait))
-
-    async def join(self, room):
-        await self.comm.send_to(text_data=json.dumps({"type": "join", "room": room, "ref": "j"}))
-        ack = await self.recv()
-        assert ack["type"] == "ack", ack
-
-    async def messages(self, n, wait=TIMEOUT):
-        """The next n ``message`` frames (presence and typing frames are skipped)."""
-        got = []
-        deadline = time.monotonic() + wait
-        while len(got) < n:
-            frame = await self.recv(max(0.1, deadline - time.monotonic()))
-            if frame["type"] == "message":
-                got.append(frame)
-        return got
+class Socket(Client):
+    """The shared test client, plus a check that nothing but presence is waiting."""
 
     async def assert_silent(self):
         """Nothing but presence frames is waiting (checked after a later, delivered marker)."""
         while not await self.comm.receive_nothing(timeout=0.1):
-            frame = await self.recv()
+            frame = await self.recv(skip=())
             assert frame["type"].startswith("presence"), frame
-
-    async def close(self):
-        await self.comm.disconnect()
 
 
 @pytest.fixture
@@ -384,7 +353,7 @@ async def test_publish_from_plain_threads_reuses_one_pool(redis_layer, redis_ser
             await asyncio.to_thread(thread.join, 120)
         assert not any(t.is_alive() for t in workers)
         assert errors == []
-        frames = await sock.messages(threads_n * per_thread, wait=60)
+        frames = await sock.messages(threads_n * per_thread)
         first = 2 + round_ * threads_n * per_thread
         assert [f["seq"] for f in frames] == list(range(first, first + len(frames)))
         assert all(f["sender"] is None for f in frames)
