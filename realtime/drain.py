@@ -38,11 +38,23 @@ class Drainable(Protocol):
 _live: weakref.WeakSet[Drainable] = weakref.WeakSet()
 _draining = False
 _installed: set[int] = set()
+# Drains of connections registered after ``drain_all`` took its list (kept until done).
+_late: set[asyncio.Future[None]] = set()
 
 
 def register(connection: Drainable) -> None:
-    """Track a live connection until ``unregister`` (or until it is garbage)."""
+    """Track a live connection until ``unregister`` (or until it is garbage).
+
+    A connection registered once the drain has begun (an SSE stream or a poll that passed its
+    ``draining()`` check, then awaited its login and joins meanwhile) is told to go at once:
+    ``drain_all`` has already taken its list and would not wait for it, while the server would
+    hold the request open until its own timeout.
+    """
     _live.add(connection)
+    if _draining:
+        late = asyncio.ensure_future(connection.drain(CloseCode.RESTARTING))
+        _late.add(late)
+        late.add_done_callback(_late.discard)
 
 
 def unregister(connection: Drainable) -> None:

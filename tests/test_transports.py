@@ -753,6 +753,46 @@ async def test_drain_ends_sse_streams_and_answers_waiting_polls(in_process, user
         await asyncio.wait_for(request.task, 5)
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("path", "query", "ending"),
+    [
+        ("/realtime/sse/", "rooms=lobby", b": closed 1012\n\n"),
+        ("/realtime/poll/", "rooms=lobby&cursor=lobby:0:1&timeout=20", b'"hello"'),
+    ],
+    ids=["sse", "longpoll"],
+)
+async def test_a_client_that_registers_after_the_drain_began_is_told_to_go(
+    in_process, users, async_client, monkeypatch, path, query, ending
+):
+    # The race CI hit: the request passes its draining() check, awaits its login, and only
+    # then registers; drain_all has already taken its (empty) list. Without the late drain the
+    # poll waits its full timeout (20 s here) and the server's shutdown waits with it.
+    from realtime import longpoll, sse
+
+    drain = in_process
+    cookie = await _cookie(async_client, users["bob"])
+    entered, release = asyncio.Event(), asyncio.Event()
+    real = sse.authenticate
+
+    async def slow_login(request):
+        entered.set()
+        await release.wait()
+        return await real(request)
+
+    monkeypatch.setattr(sse, "authenticate", slow_login)
+    monkeypatch.setattr(longpoll, "authenticate", slow_login)
+    request = AsgiRequest(path, query, cookie)
+    await asyncio.wait_for(entered.wait(), 5)
+    assert await drain.drain_all(grace=5) == 0  # nothing registered yet
+    release.set()
+
+    assert await request.start() == 200
+    assert ending in await request.events_until(ending)
+    await asyncio.wait_for(request.task, 5)
+    assert drain.live_count() == 0
+
+
 # -- behind nginx, and through a drain -------------------------------------------------------
 
 
