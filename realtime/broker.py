@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from channels.layers import BaseChannelLayer, get_channel_layer
 
+from realtime import metrics
 from realtime.conf import conf
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def room_group(room: str) -> str:
 class Subscriber(Protocol):
     """What a hub delivers to: a session (see session.py)."""
 
-    async def deliver(self, room: str, seq: int, frame: str) -> None: ...
+    async def deliver(self, room: str, seq: int, frame: str) -> bool: ...
 
     async def deliver_ephemeral(self, room: str, frame: str, exclude_user: Any) -> None: ...
 
@@ -211,11 +212,15 @@ class Hub:
         subscribers = list(self.rooms.get(room, ()))
         self.messages_received += 1
         self.deliveries += len(subscribers)
+        written = 0
         for subscriber in subscribers:
             try:
-                await subscriber.deliver(room, seq, frame)
+                if await subscriber.deliver(room, seq, frame):
+                    written += 1
             except Exception:
                 logger.exception("realtime: delivery to a session failed")
+        if written:
+            metrics.count_out(frame, written)
 
     async def _on_ephemeral(self, message: dict[str, Any]) -> None:
         room, frame, exclude = message["room"], message["frame"], message.get("exclude_user")

@@ -8,9 +8,10 @@ import logging
 from typing import Any
 
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from realtime import auth, backpressure, drain
+from realtime import auth, backpressure, drain, wire
 from realtime.conf import conf
 from realtime.protocol import CloseCode
 from realtime.session import Session
@@ -47,32 +48,56 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     _slow = False
     _queued: backpressure.Probe | None = None
     _buffer_limit: int = 0  # REALTIME_MAX_BUFFERED_BYTES, read when the socket opens
+    _writer: wire.Writer | None = None  # daphne's socket, written directly (wire.py)
+
+    _gone = False  # the client's disconnect was received, or the application ended
+    _gone_event: asyncio.Event | None = None  # made only when someone waits for that
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        self._gone = asyncio.Event()
-        self._raw_send = send
+        # channels' AsyncConsumer.__call__, minus what a consumer without a layer channel
+        # never uses: it receives through await_many_dispatch, which creates a task and an
+        # asyncio.wait per client frame, and keeps a receive task alive per idle connection.
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = self._raw_send = send
+        self._receive_raw = receive
         self._queued = backpressure.probe(send)
         self._own_task = asyncio.current_task()
-
-        async def receive_watching() -> Any:
-            message = await receive()
-            if message["type"] == "websocket.disconnect":
-                self._gone.set()
-            return message
-
         try:
-            await super().__call__(scope, receive_watching, send)
+            try:
+                while True:
+                    await self.dispatch(await self._receive())
+            except StopConsumer:
+                pass
         except asyncio.CancelledError:
             if not drain.draining():
                 raise
             # daphne cancels every application as it shuts down; when that shutdown is a
             # drain, close with 1012 and let the client finish the close handshake first.
             await self._go(CloseCode.RESTARTING)
-            await self._await_disconnect(receive_watching)
+            await self._await_disconnect()
             raise
         finally:
             drain.unregister(self)
-            self._gone.set()
+            self._mark_gone()
+
+    async def _receive(self) -> Any:
+        message = await self._receive_raw()
+        if message["type"] == "websocket.disconnect":
+            self._mark_gone()
+        return message
+
+    def _mark_gone(self) -> None:
+        self._gone = True
+        if self._gone_event is not None:
+            self._gone_event.set()
+
+    async def _wait_gone(self) -> None:
+        if self._gone:
+            return
+        if self._gone_event is None:
+            self._gone_event = asyncio.Event()
+        await self._gone_event.wait()
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # channels >= 4.2 hops to a thread (aclose_old_connections) before every handler;
@@ -89,6 +114,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         drain.register(self)
         # Read once: a settings lookup per written frame cost 4-7 % of fan-out CPU.
         self._buffer_limit = conf.REALTIME_MAX_BUFFERED_BYTES
+        self._writer = wire.writer_for(backpressure.find_protocol(self._raw_send))
         self.session = Session(
             self.scope.get("user"),
             self._emit,
@@ -112,7 +138,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     async def drain(self, code: int) -> None:
         """Close with ``code`` (graceful drain, see drain.py); returns once the client is gone."""
         await self._go(code)
-        await self._gone.wait()
+        await self._wait_gone()
 
     async def _go(self, code: int) -> None:
         if self._closing:
@@ -123,30 +149,33 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         if self.session is not None:
             await self.session.close()
 
-    async def _await_disconnect(self, receive: Any) -> None:
+    async def _await_disconnect(self) -> None:
         # Bounded: autobahn drops a peer that does not answer the close within its timeout.
         # The disconnect may already have been read (and dropped by the cancelled dispatch
         # loop): receive() noted it in _gone.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(drain.DRAIN_TIMEOUT):
-                while not self._gone.is_set():
-                    await receive()
+                while not self._gone:
+                    await self._receive()
 
     async def _emit(self, text: str) -> None:
         if self._slow:
             return  # closing as a slow consumer: the client resumes with after_seq
-        try:
-            await self.send(text_data=text)
-        except _CLOSED as exc:
-            # The peer went away and the disconnect is not dispatched yet (a broadcast raced
-            # it): the frame is dropped, as the client resumes with after_seq.
-            logger.debug("realtime: dropped a frame for a closed connection: %s", exc)
-            return
-        if self._queued is None or self.session is None:
-            return
+        writer = self._writer
+        pending = writer.write(text) if writer is not None else None
+        if pending is None:
+            try:
+                await self.send(text_data=text)
+            except _CLOSED as exc:
+                # The peer went away and the disconnect is not dispatched yet (a broadcast
+                # raced it): the frame is dropped, as the client resumes with after_seq.
+                logger.debug("realtime: dropped a frame for a closed connection: %s", exc)
+                return
+            if self._queued is None:
+                return
+            pending = self._queued()
         limit = self._buffer_limit
-        pending = self._queued()
-        if pending <= limit:
+        if pending <= limit or self.session is None:
             return
         # Replies, replays and gap fills run in this connection's own tasks: they may wait
         # for the client to take what is queued (a large replay is not a slow client). The
@@ -166,7 +195,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         """Wait (bounded) until at most ``target`` bytes are queued; False if that never came."""
         assert self._queued is not None
         for _ in range(int(backpressure.DRAIN_WAIT / backpressure.DRAIN_POLL)):
-            if self._queued() <= target or self._gone.is_set():
+            if self._queued() <= target or self._gone:
                 return True
             await asyncio.sleep(backpressure.DRAIN_POLL)
         return False

@@ -49,13 +49,13 @@ SLOW_CONSUMER_CLOSES = Counter(
 _out: dict[str, Counter] = {}
 
 
-def count_out(text: str) -> None:
-    """Count one frame sent to a client."""
+def count_out(text: str, count: int = 1) -> None:
+    """Count ``count`` copies of one frame sent to clients."""
     kind = frame_type(text)
     child = _out.get(kind)
     if child is None:
         child = _out[kind] = FRAMES_OUT.labels(kind)
-    child.inc()
+    child.inc(count)
 
 
 def frame_type(text: str) -> str:
