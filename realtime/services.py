@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 
 from realtime import metrics
 from realtime.conf import conf
-from realtime.errors import Forbidden, RoomNotFound, Unauthorized
+from realtime.errors import Forbidden, RealtimeError, RoomNotFound, Unauthorized
 from realtime.models import Membership, Message, Room
 from realtime.protocol import RemovedReason, ServerType, encode
 
@@ -59,11 +59,25 @@ def get_room(slug: str) -> Room:
 
 
 def _membership(room: Room, user: Any) -> Membership | None:
-    return Membership.objects.filter(room=room, user=user).first()
+    # A slice, not first(): first() orders by the primary key, and PostgreSQL may then walk
+    # the primary key index instead of using the (room, user) unique index.
+    return next(iter(Membership.objects.filter(room=room, user=user).order_by()[:1]), None)
 
 
-def authorize(room: Room, user: Any, *, send: bool) -> None:
-    """Raise unless ``user`` may read (or, with send=True, post to) ``room``."""
+def _membership_of(room: Room, user: Any) -> Membership | None:
+    """What authorize() would look up for ``user`` (nothing for anonymous and superusers)."""
+    if user is None or not user.is_authenticated or user.is_superuser:
+        return None
+    return _membership(room, user)
+
+
+_LOOKUP: Any = object()  # authorize(): read the membership from the database
+
+
+def authorize(room: Room, user: Any, *, send: bool, membership: Any = _LOOKUP) -> None:
+    """Raise unless ``user`` may read (or, with send=True, post to) ``room``.
+
+    ``membership``: the user's Membership of the room (or None), when the caller has it."""
     authenticated = user is not None and user.is_authenticated
     if room.archived:
         raise Forbidden("room is archived")
@@ -73,7 +87,8 @@ def authorize(room: Room, user: Any, *, send: bool) -> None:
         raise Unauthorized()
     if user.is_superuser:
         return
-    membership = _membership(room, user)
+    if membership is _LOOKUP:
+        membership = _membership(room, user)
     if membership is not None and membership.banned:
         raise Forbidden("you are banned from this room")
     if room.kind == Room.Kind.PRIVATE and membership is None:
@@ -84,10 +99,10 @@ def authorize(room: Room, user: Any, *, send: bool) -> None:
             raise Forbidden("only staff and moderators post in this room")
 
 
-def is_allowed(room: Room, user: Any, *, send: bool = False) -> bool:
+def is_allowed(room: Room, user: Any, *, send: bool = False, membership: Any = _LOOKUP) -> bool:
     """True when ``user`` may join (or, with send=True, post to) ``room``."""
     try:
-        authorize(room, user, send=send)
+        authorize(room, user, send=send, membership=membership)
     except (Forbidden, Unauthorized):
         return False
     return True
@@ -136,14 +151,15 @@ class JoinResult:
 def join(slug: str, user: Any, after_seq: int | None, epoch: int | None) -> JoinResult:
     """Authorise a join and collect the replay a reconnecting client missed."""
     room = get_room(slug)
-    authorize(room, user, send=False)
+    membership = _membership_of(room, user)
+    authorize(room, user, send=False, membership=membership)
     head = room.head_seq
     result = JoinResult(
         room=slug,
         head=head,
         epoch=room.epoch,
         recovered=False,
-        can_send=is_allowed(room, user, send=True),
+        can_send=is_allowed(room, user, send=True, membership=membership),
     )
     if after_seq is None:
         return result
@@ -182,15 +198,20 @@ def history(
     return [message_dict(m, slug) for m in reversed(newest_first)]
 
 
-class _Duplicate(Exception):
-    def __init__(self, message: Message) -> None:
-        self.message = message
-
-
 @dataclass
 class AppendResult:
     message: dict[str, Any]
     created: bool
+
+
+@dataclass(frozen=True)
+class Append:
+    """One message to persist (see append_messages)."""
+
+    slug: str
+    user: Any  # None: the server (publish()); otherwise authorised to post
+    payload: dict[str, Any]
+    client_msg_id: str | None = None
 
 
 def append_message(
@@ -198,34 +219,148 @@ def append_message(
 ) -> AppendResult:
     """Authorise and persist one message, allocating the room's next seq atomically.
 
-    The increment of ``Room.head_seq`` is the transaction's first statement, so the row (or,
-    on SQLite, the database) is write-locked before anything is read: two processes can never
-    allocate the same seq, and a rolled-back transaction gives its seq back (no hole).
+    ``created`` is False when ``client_msg_id`` names a message this sender already stored
+    in the room (a retry): that message is returned and nothing is written.
     """
-    sender = user if user is not None and user.is_authenticated else None
-    try:
-        with transaction.atomic():
-            if not Room.objects.filter(slug=slug).update(head_seq=F("head_seq") + 1):
-                raise RoomNotFound(f"room {slug!r} does not exist")
-            room = Room.objects.get(slug=slug)
-            if user is not None:
-                authorize(room, user, send=True)
-            if client_msg_id is not None and sender is not None:
-                existing = (
-                    Message.objects.filter(room=room, sender=sender, client_msg_id=client_msg_id)
-                    .select_related("sender")
-                    .first()
-                )
-                if existing is not None:
-                    raise _Duplicate(existing)  # rolls the increment back
-            message = Message.objects.create(
+    result = append_messages([Append(slug, user, payload, client_msg_id)])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def append_messages(items: list[Append]) -> list[AppendResult | RealtimeError]:
+    """Persist several sends in one transaction (group commit); a result or error for each.
+
+    Each item is authorised, deduplicated by ``client_msg_id`` and given its room's next seq
+    exactly as if it were appended alone, in list order; one item's refusal does not affect
+    the others. Every room involved is write-locked before anything is read (PostgreSQL:
+    ``SELECT ... FOR UPDATE`` in primary-key order, so two processes never deadlock; SQLite:
+    the write lock of the IMMEDIATE transaction, or of a first UPDATE without it), so two
+    processes can never allocate the same seq, and a rolled-back transaction gives its seqs
+    back (no hole). The statements per call are a constant number, not one set per message.
+    """
+    results: list[AppendResult | RealtimeError | None] = [None] * len(items)
+    slugs = sorted({item.slug for item in items})
+    with transaction.atomic():
+        rooms_query = Room.objects.filter(slug__in=slugs)
+        if connection.features.has_select_for_update:
+            rooms_query = rooms_query.select_for_update().order_by("pk")
+        else:
+            # Take the write lock with the first statement (SQLite, DEFERRED mode).
+            rooms_query.update(head_seq=F("head_seq"))
+        rooms = {room.slug: room for room in rooms_query}
+        memberships = _memberships_for(rooms.values(), items)
+        existing = _existing_for(rooms, items)
+        heads = {slug: room.head_seq for slug, room in rooms.items()}
+        created: list[tuple[int, Message]] = []
+        # Retries of a message created earlier in this batch: answered once it has its id.
+        fresh: dict[tuple[int, Any, str], Message] = {}
+        repeats: list[tuple[int, Message]] = []
+        for i, item in enumerate(items):
+            room = rooms.get(item.slug)
+            if room is None:
+                results[i] = RoomNotFound(f"room {item.slug!r} does not exist")
+                continue
+            if item.user is not None:
+                key = (room.pk, getattr(item.user, "pk", None))
+                try:
+                    authorize(room, item.user, send=True, membership=memberships.get(key))
+                except RealtimeError as exc:
+                    results[i] = exc
+                    continue
+            sender = item.user if item.user is not None and item.user.is_authenticated else None
+            dedupe = None
+            if item.client_msg_id is not None and sender is not None:
+                dedupe = (room.pk, sender.pk, item.client_msg_id)
+                if dedupe in existing:
+                    results[i] = AppendResult(message_dict(existing[dedupe], room.slug), False)
+                    continue
+                if dedupe in fresh:
+                    repeats.append((i, fresh[dedupe]))
+                    continue
+            heads[room.slug] += 1
+            message = Message(
                 room=room,
-                seq=room.head_seq,
+                seq=heads[room.slug],
                 sender=sender,
-                payload=payload,
-                client_msg_id=client_msg_id,
+                payload=item.payload,
+                client_msg_id=item.client_msg_id,
             )
-    except _Duplicate as dup:
-        return AppendResult(message_dict(dup.message, slug), created=False)
-    metrics.MESSAGES_PERSISTED.inc()
-    return AppendResult(message_dict(message, slug), created=True)
+            created.append((i, message))
+            if dedupe is not None:
+                fresh[dedupe] = message
+        if created:
+            _insert([m for _, m in created])
+            _set_heads(
+                {rooms[slug].pk: h for slug, h in heads.items() if h != rooms[slug].head_seq}
+            )
+    for i, message in created:
+        results[i] = AppendResult(message_dict(message, items[i].slug), True)
+    for i, message in repeats:
+        results[i] = AppendResult(message_dict(message, items[i].slug), False)
+    if created:
+        metrics.MESSAGES_PERSISTED.inc(len(created))
+    done = [r for r in results if r is not None]
+    assert len(done) == len(items)
+    return done
+
+
+def _memberships_for(rooms: Any, items: list[Append]) -> dict[tuple[int, Any], Membership]:
+    """The memberships authorize() needs for ``items``: one query for the whole batch."""
+    user_ids = {
+        item.user.pk
+        for item in items
+        if item.user is not None and item.user.is_authenticated and not item.user.is_superuser
+    }
+    if not user_ids:
+        return {}
+    rows = Membership.objects.filter(room__in=list(rooms), user_id__in=user_ids).order_by()
+    return {(m.room_id, m.user_id): m for m in rows}
+
+
+def _existing_for(
+    rooms: dict[str, Room], items: list[Append]
+) -> dict[tuple[int, Any, str], Message]:
+    """Messages already stored under the batch's client_msg_ids.
+
+    One narrow query on the partial unique index (no ORDER BY, no join); the whole rows are
+    read only for the ids that are there, which only retries have."""
+    ids = {
+        item.client_msg_id
+        for item in items
+        if item.client_msg_id is not None and item.user is not None and item.user.is_authenticated
+    }
+    if not ids or not rooms:
+        return {}
+    hits = list(
+        Message.objects.filter(room__in=list(rooms.values()), client_msg_id__in=ids)
+        .order_by()
+        .values_list("pk", flat=True)
+    )
+    if not hits:
+        return {}
+    rows = Message.objects.filter(pk__in=hits).select_related("sender").order_by()
+    return {(m.room_id, m.sender_id, m.client_msg_id): m for m in rows if m.client_msg_id}
+
+
+def _set_heads(heads: dict[int, int]) -> None:
+    """``UPDATE room SET head_seq = CASE id ...``: every room of a batch in one statement."""
+    quote = connection.ops.quote_name
+    table, pk = quote(Room._meta.db_table), quote(Room._meta.pk.column)
+    head = quote(Room._meta.get_field("head_seq").column)
+    cases = " ".join(["WHEN %s THEN %s"] * len(heads))
+    marks = ", ".join(["%s"] * len(heads))
+    params: list[int] = [value for pair in heads.items() for value in pair]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET {head} = CASE {pk} {cases} END WHERE {pk} IN ({marks})",
+            [*params, *heads],
+        )
+
+
+def _insert(messages: list[Message]) -> None:
+    if connection.features.can_return_rows_from_bulk_insert:
+        Message.objects.bulk_create(messages)
+    else:  # pragma: no cover - backends that cannot return the new ids
+        for message in messages:
+            message.save(force_insert=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
-from realtime import auth, broker, metrics, presence, ratelimit, services
+from realtime import auth, broker, metrics, presence, ratelimit, services, writer
 from realtime.conf import conf
 from realtime.errors import (
     AlreadyJoined,
@@ -60,13 +60,25 @@ MAX_PENDING = 10_000
 frame_clock: ratelimit.Clock = time.monotonic
 
 
+# Frame type -> the Session method handling it (a class-wide table: a dict of bound methods per
+# connection would cost memory on every idle connection).
+_HANDLERS: dict[ClientType, str] = {
+    ClientType.JOIN: "on_join",
+    ClientType.LEAVE: "on_leave",
+    ClientType.SEND: "on_send",
+    ClientType.TYPING: "on_typing",
+    ClientType.HISTORY: "on_history",
+    ClientType.PING: "on_ping",
+}
+
+
 class RoomMode(Enum):
     JOINING = "joining"  # ack and replay not yet emitted; broadcasts are held
     FILLING = "filling"  # a gap is being read from the database; broadcasts are held
     LIVE = "live"
 
 
-@dataclass
+@dataclass(slots=True)
 class RoomState:
     slug: str
     can_send: bool = False
@@ -98,6 +110,9 @@ class Session:
         # What the login rests on (auth.py): re-validated every REALTIME_AUTH_RECHECK seconds.
         self.credentials = credentials
         self._frames = ratelimit.MemoryLimiter(lambda: frame_clock())
+        # The next re-check of the login: a timer while waiting (a sleeping task per idle
+        # connection would cost ~1.4 KB each), a task while it runs.
+        self._recheck_timer: asyncio.TimerHandle | None = None
         self._recheck: asyncio.Task[None] | None = None
         # False for clients that re-join on every request (long-poll): they read presence
         # but are not counted in it, so their polls do not make them flicker in and out.
@@ -111,14 +126,6 @@ class Session:
         self.hub.sessions.add(self)
         metrics.CONNECTIONS.inc()
         self._fills: set[asyncio.Task[None]] = set()
-        self._handlers: dict[ClientType, Callable[[Frame], Awaitable[None]]] = {
-            ClientType.JOIN: self.on_join,
-            ClientType.LEAVE: self.on_leave,
-            ClientType.SEND: self.on_send,
-            ClientType.TYPING: self.on_typing,
-            ClientType.HISTORY: self.on_history,
-            ClientType.PING: self.on_ping,
-        }
 
     async def emit(self, text: str) -> None:
         """Write one encoded frame to the transport."""
@@ -142,7 +149,7 @@ class Session:
             )
         )
         if self.credentials is not None and conf.REALTIME_AUTH_RECHECK > 0:
-            self._recheck = asyncio.create_task(self._recheck_loop())
+            self._schedule_recheck()
 
     async def receive_text(self, text: str) -> None:
         """Handle one client frame; every fault becomes an ``error`` frame."""
@@ -153,7 +160,7 @@ class Session:
             frame = parse(text, conf.REALTIME_MAX_PAYLOAD_BYTES)
             ref = frame.ref
             metrics.FRAMES_IN.labels(frame.type).inc()
-            await self._handlers[frame.type](frame)
+            await getattr(self, _HANDLERS[frame.type])(frame)
         except FrameError as exc:
             metrics.FRAMES_IN.labels("invalid").inc()
             await self._error(exc.code, exc.message, exc.ref)
@@ -180,32 +187,40 @@ class Session:
         )
         return False
 
-    async def _recheck_loop(self) -> None:
-        """Re-validate the login and every joined room's rights, every REALTIME_AUTH_RECHECK s."""
+    def _schedule_recheck(self) -> None:
+        if not self.closed:
+            loop = asyncio.get_running_loop()
+            self._recheck_timer = loop.call_later(conf.REALTIME_AUTH_RECHECK, self._recheck_due)
+
+    def _recheck_due(self) -> None:
+        self._recheck_timer = None
+        if not self.closed:
+            self._recheck = asyncio.ensure_future(self._recheck_once())
+
+    async def _recheck_once(self) -> None:
+        """Re-validate the login and every joined room's rights (every REALTIME_AUTH_RECHECK s)."""
         assert self.credentials is not None
-        while not self.closed:
-            await asyncio.sleep(conf.REALTIME_AUTH_RECHECK)
-            rooms = [
-                slug for slug, state in self.rooms.items() if state.mode is not RoomMode.JOINING
-            ]
-            try:
-                user, denials = await database_sync_to_async(_recheck)(self.credentials, rooms)
-            except Exception:
-                logger.warning("realtime: authorisation re-check failed; retrying", exc_info=True)
+        rooms = [slug for slug, state in self.rooms.items() if state.mode is not RoomMode.JOINING]
+        try:
+            user, denials = await database_sync_to_async(_recheck)(self.credentials, rooms)
+        except Exception:
+            logger.warning("realtime: authorisation re-check failed; retrying", exc_info=True)
+            self._schedule_recheck()
+            return
+        if user is None:
+            # Logged out, password changed, deactivated or deleted.
+            await self.abort(CloseCode.UNAUTHORIZED)
+            return
+        self.user = user  # fresh rights (is_staff, is_superuser) for later checks
+        for slug, (reason, can_send) in denials.items():
+            state = self.rooms.get(slug)
+            if state is None:
                 continue
-            if user is None:
-                # Logged out, password changed, deactivated or deleted.
-                await self.abort(CloseCode.UNAUTHORIZED)
-                return
-            self.user = user  # fresh rights (is_staff, is_superuser) for later checks
-            for slug, (reason, can_send) in denials.items():
-                state = self.rooms.get(slug)
-                if state is None:
-                    continue
-                if reason is not None:
-                    await self.remove(slug, reason)
-                else:
-                    state.can_send = can_send
+            if reason is not None:
+                await self.remove(slug, reason)
+            else:
+                state.can_send = can_send
+        self._schedule_recheck()
 
     async def _error(
         self, code: str, message: str, ref: str | None, retry_after: float | None = None
@@ -226,6 +241,9 @@ class Session:
             metrics.CONNECTIONS.dec()
         self.closed = True
         self.hub.sessions.discard(self)
+        if self._recheck_timer is not None:
+            self._recheck_timer.cancel()
+            self._recheck_timer = None
         if self._recheck is not None and self._recheck is not asyncio.current_task():
             self._recheck.cancel()
         for task in list(self._fills):
@@ -332,8 +350,9 @@ class Session:
         state.holds += 1
         started = time.perf_counter()
         try:
-            result = await self._db(
-                services.append_message, frame.room, self.user, frame.payload, frame.client_msg_id
+            result = await _guarded(
+                writer.append(frame.room, self.user, frame.payload, frame.client_msg_id),
+                "writer.append",
             )
             message = result.message
             # A retry (same client_msg_id) broadcasts again: the first attempt may have been
@@ -400,33 +419,31 @@ class Session:
         await self.emit(encode(with_ref({"type": ServerType.PONG}, frame.ref)))
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return await database_sync_to_async(fn)(*args)
-        except RealtimeError:
-            raise
-        except Exception as exc:
-            logger.warning("realtime: database call %s failed", fn.__name__, exc_info=True)
-            raise Unavailable() from exc
+        return await _guarded(database_sync_to_async(fn)(*args), fn.__name__)
 
     # -- broadcasts from the hub ---------------------------------------------------------
 
-    async def deliver(self, room: str, seq: int, frame: str) -> None:
-        """Take one broadcast message frame; emits it only in seq order."""
+    async def deliver(self, room: str, seq: int, frame: str) -> bool:
+        """Take one broadcast message frame; emits it only in seq order.
+
+        True when it was written at once: the hub then counts it in the metrics (once per
+        broadcast, not per connection)."""
         state = self.rooms.get(room)
         if state is None or seq <= state.last_seq:
-            return
+            return False
         live = state.mode is RoomMode.LIVE and not state.holds
         if live and seq == state.last_seq + 1:
             state.last_seq = seq
-            await self.emit(frame)
-            return
+            await self._transport_emit(frame)
+            return True
         if len(state.pending) >= MAX_PENDING:
             await self.abort(CloseCode.SLOW_CONSUMER)
-            return
+            return False
         state.pending[seq] = frame
         if live:
             # Ahead of last_seq + 1: the layer dropped or reordered something.
             self._start_fill(state)
+        return False
 
     async def control(self, room: str, message: dict[str, Any]) -> None:
         """Act on a moderation control for ``room`` (see moderation.py)."""
@@ -524,6 +541,17 @@ class Session:
                     await self.emit(services.message_frame(message))
             # Seqs absent from the database were deleted: nothing to wait for.
             state.last_seq = max(state.last_seq, upto)
+
+
+async def _guarded(call: Awaitable[Any], what: str) -> Any:
+    """Await a database call; a failure other than a refusal becomes ``unavailable``."""
+    try:
+        return await call
+    except RealtimeError:
+        raise
+    except Exception as exc:
+        logger.warning("realtime: database call %s failed", what, exc_info=True)
+        raise Unavailable() from exc
 
 
 def _ceil_ms(seconds: float) -> float:

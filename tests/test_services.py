@@ -234,3 +234,94 @@ def test_history_after_seq_pages_forwards(rooms, users):
     ]
     bounded = services.history("lobby", users["bob"], 7, 10, after_seq=4)
     assert [m["seq"] for m in bounded] == [5, 6]
+
+
+# -- batches (group commit, writer.py) --------------------------------------------------------
+
+
+def test_batch_allocates_contiguous_seqs_per_room_in_list_order(rooms, users):
+    alice, bob = users["alice"], users["bob"]
+    send("lobby", alice)  # lobby head 1
+    batch = [
+        services.Append("lobby", alice, {"n": 1}),
+        services.Append("team", bob, {"n": 2}),
+        services.Append("lobby", bob, {"n": 3}),
+        services.Append("team", alice, {"n": 4}),
+        services.Append("lobby", None, {"n": 5}),
+    ]
+    results = services.append_messages(batch)
+    seqs = [(r.message["room"], r.message["seq"], r.message["payload"]["n"]) for r in results]
+    assert seqs == [
+        ("lobby", 2, 1),
+        ("team", 1, 2),
+        ("lobby", 3, 3),
+        ("team", 2, 4),
+        ("lobby", 4, 5),
+    ]
+    assert all(r.created for r in results)
+    assert Room.objects.get(slug="lobby").head_seq == 4
+    assert Room.objects.get(slug="team").head_seq == 2
+    stored = Message.objects.filter(room__slug="lobby").order_by("seq")
+    assert [m.seq for m in stored] == [1, 2, 3, 4]
+    assert [r.message["id"] for r in results] == [
+        Message.objects.get(room__slug=r.message["room"], seq=r.message["seq"]).pk for r in results
+    ]
+
+
+def test_refusals_in_a_batch_take_no_seq_and_spare_the_others(rooms, users):
+    Membership.objects.create(room=rooms["lobby"], user=users["bob"], banned=True)
+    batch = [
+        services.Append("team", users["carol"], {"n": 1}),  # not a member of the private room
+        services.Append("lobby", users["alice"], {"n": 2}),
+        services.Append("nope", users["alice"], {"n": 3}),  # no such room
+        services.Append("lobby", users["bob"], {"n": 4}),  # banned
+        services.Append("news", users["alice"], {"n": 5}),  # announce: staff and moderators
+        services.Append("lobby", AnonymousUser(), {"n": 6}),
+        services.Append("team", users["alice"], {"n": 7}),
+    ]
+    results = services.append_messages(batch)
+    kinds = [type(r).__name__ for r in results]
+    assert kinds == [
+        "Forbidden",
+        "AppendResult",
+        "RoomNotFound",
+        "Forbidden",
+        "Forbidden",
+        "Unauthorized",
+        "AppendResult",
+    ]
+    assert "banned" in str(results[3])
+    assert results[1].message["seq"] == 1 and results[6].message["seq"] == 1
+    assert Room.objects.get(slug="lobby").head_seq == 1
+    assert Room.objects.get(slug="news").head_seq == 0
+
+
+def test_retries_in_and_across_batches_return_the_original(rooms, users):
+    alice = users["alice"]
+    first = send("lobby", alice, "stored before", client_msg_id="a")
+    batch = [
+        services.Append("lobby", alice, {"text": "retry of a"}, "a"),
+        services.Append("lobby", alice, {"text": "b"}, "b"),
+        services.Append("lobby", alice, {"text": "b again"}, "b"),
+        services.Append("lobby", users["bob"], {"text": "bob's b"}, "b"),
+    ]
+    results = services.append_messages(batch)
+    assert [r.created for r in results] == [False, True, False, True]
+    assert results[0].message == first.message
+    assert results[2].message == results[1].message
+    assert results[1].message["payload"] == {"text": "b"}
+    assert [r.message["seq"] for r in results] == [1, 2, 2, 3]
+    assert Message.objects.count() == 3
+    assert Room.objects.get(slug="lobby").head_seq == 3
+
+
+def test_a_failing_batch_rolls_back_every_seq(rooms, users, monkeypatch):
+    def broken(messages):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(services, "_insert", broken)
+    batch = [services.Append("lobby", users["alice"], {"n": n}) for n in range(3)]
+    with pytest.raises(RuntimeError, match="disk full"):
+        services.append_messages(batch)
+    assert Room.objects.get(slug="lobby").head_seq == 0
+    assert Message.objects.count() == 0

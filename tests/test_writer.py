@@ -1,0 +1,89 @@
+"""writer.py: sends queued while a batch is stored form the next batch; results go back to
+the right sender; failures reach every sender of the batch."""
+
+import asyncio
+import threading
+
+import pytest
+
+from realtime import services, writer
+from realtime.errors import Forbidden
+from realtime.models import Message
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TIMEOUT = 10
+
+
+async def test_concurrent_sends_share_batches_and_get_their_own_results(rooms, users):
+    entered, release = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def store(items):
+        sizes.append(len(items))
+        entered.set()
+        if len(sizes) == 1:
+            # Hold the first batch until every other send has been queued behind it.
+            assert release.wait(TIMEOUT)
+        return services.append_messages(items)
+
+    batch_writer = writer.BatchWriter(store)
+    first = asyncio.ensure_future(
+        batch_writer.append(services.Append("lobby", users["alice"], {"n": 0}))
+    )
+    assert await asyncio.to_thread(entered.wait, TIMEOUT)
+    rest = [
+        asyncio.ensure_future(
+            batch_writer.append(services.Append("lobby", users["bob"], {"n": n}, f"c{n}"))
+        )
+        for n in range(1, 31)
+    ]
+    refused = asyncio.ensure_future(
+        batch_writer.append(services.Append("team", users["carol"], {"n": -1}))
+    )
+    await asyncio.sleep(0)  # the new tasks run up to their wait: all are queued now
+    assert len(batch_writer._queue) == 31
+    release.set()
+    async with asyncio.timeout(TIMEOUT):
+        results = [await first] + [await task for task in rest]
+        with pytest.raises(Forbidden):
+            await refused
+    assert sizes == [1, 31]  # everything queued behind the first batch went in one
+    assert batch_writer.batches == 2
+    assert [r.message["seq"] for r in results] == list(range(1, 32))
+    assert [r.message["payload"]["n"] for r in results] == list(range(31))
+    assert await Message.objects.filter(room__slug="lobby").acount() == 31
+
+
+async def test_a_database_failure_reaches_every_sender_of_the_batch(rooms, users):
+    def store(items):
+        raise RuntimeError("connection lost")
+
+    batch_writer = writer.BatchWriter(store)
+    tasks = [
+        asyncio.ensure_future(batch_writer.append(services.Append("lobby", users["alice"], {})))
+        for _ in range(3)
+    ]
+    async with asyncio.timeout(TIMEOUT):
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outcomes), outcomes
+
+
+async def test_a_cancelled_sender_does_not_break_the_writer(rooms, users):
+    entered, release = threading.Event(), threading.Event()
+
+    def store(items):
+        entered.set()
+        assert release.wait(TIMEOUT)
+        return services.append_messages(items)
+
+    batch_writer = writer.BatchWriter(store)
+    gone = asyncio.ensure_future(batch_writer.append(services.Append("lobby", users["alice"], {})))
+    assert await asyncio.to_thread(entered.wait, TIMEOUT)  # its batch is being stored
+    gone.cancel()
+    release.set()
+    async with asyncio.timeout(TIMEOUT):
+        later = await batch_writer.append(services.Append("lobby", users["alice"], {"n": 2}))
+    assert gone.cancelled()
+    # The cancelled send was stored all the same (its client retries with client_msg_id).
+    assert later.message["seq"] == 2
