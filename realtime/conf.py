@@ -1,6 +1,8 @@
 """Settings for realtime: every ``REALTIME_*`` name, its default and a one-line description.
 
-Values are read from ``django.conf.settings`` on every access, so ``override_settings`` works.
+Values are read from ``django.conf.settings`` on first access and kept; Django's
+``setting_changed`` signal (sent by ``override_settings`` and pytest-django's ``settings``)
+empties the cache, so overrides in tests still take effect at once.
 docs/settings.md is tested against ``SETTINGS`` so the two cannot drift.
 """
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.core.signals import setting_changed
 
 
 @dataclass(frozen=True)
@@ -156,9 +159,20 @@ class _Conf:
     REALTIME_LONGPOLL_TIMEOUT: float
 
     def __getattr__(self, name: str) -> Any:
+        # Only called for names not cached in the instance yet (see _forget).
         if name not in _DEFAULTS:
             raise AttributeError(name)
-        return getattr(django_settings, name, _DEFAULTS[name])
+        value = getattr(django_settings, name, _DEFAULTS[name])
+        self.__dict__[name] = value
+        return value
 
 
 conf = _Conf()
+
+
+def _forget(**kwargs: Any) -> None:
+    # Any setting may change: CHANNEL_LAYERS or DEBUG do not live here, but cheap to clear.
+    conf.__dict__.clear()
+
+
+setting_changed.connect(_forget, dispatch_uid="realtime.conf")

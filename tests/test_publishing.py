@@ -311,7 +311,7 @@ async def redis_layer(redis_server, settings):
     await hub.close()
     # The publisher loop closes its own pool (in its thread); then this loop's.
     await asyncio.to_thread(publishing._publisher.close)
-    await layer.close_pools()
+    await layer.flush()  # closes this loop's connections
 
 
 def redis_clients(server):
