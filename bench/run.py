@@ -51,7 +51,7 @@ def config() -> Config:
         publishers=int(_num("BENCH_PUBLISHERS", 2)),
         fanout_sizes=_ints("BENCH_FANOUT_SIZES", "100,1000"),
         fanout_rates=_ints(
-            "BENCH_FANOUT_RATES", "500,1000,2500,5000,7500,10000,15000,20000,30000,40000"
+            "BENCH_FANOUT_RATES", "500,1000,2500,5000,7500,10000,15000,20000,30000,40000,60000"
         ),
         fixed_rates=_ints("BENCH_FIXED_RATES", "1000,5000"),
         rooms_clients=int(_num("BENCH_ROOMS_CLIENTS", 1000)),
