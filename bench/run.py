@@ -190,8 +190,10 @@ async def run_scenarios(
 
     scenarios = os.environ.get("BENCH_SCENARIOS", "idle,fanout,rooms,sends,profile").split(",")
     started = time.monotonic()
+    spying = os.environ.get("BENCH_PYSPY") == "1" and profile.py_spy() is not None
     for scenario in scenarios:
         print(f"-- {scenario} ({time.monotonic() - started:.0f} s in)")
+        spy = StepSpy(runner, cfg, results, scenario) if spying and scenario != "profile" else None
         if scenario == "idle":
             await runner.idle(record)
         elif scenario == "fanout":
@@ -203,6 +205,8 @@ async def run_scenarios(
             await runner.sends(record)
         elif scenario == "profile":
             profiles = await profile_fanout(runner, stacks, cfg, results)
+        if spy is not None:
+            spy.report()
     if gen.unexpected:
         print(f"unexpected replies: {dict(gen.unexpected)}")
     if gen.failed_connects:
@@ -250,6 +254,34 @@ async def profile_fanout(
         runner.stacks, cfg.fanout_rates, cfg.fixed_rates = saved
         profile.finish(procs)
     return out
+
+
+class StepSpy:
+    """BENCH_PYSPY=1: py-spy on the server processes during every step of one scenario."""
+
+    def __init__(self, runner: Runner, cfg: Config, results: Path, scenario: str) -> None:
+        self.runner, self.cfg, self.results, self.scenario = runner, cfg, results, scenario
+        self.procs: list[Any] = []
+        self.files: list[Path] = []
+        runner.on_step = self.attach
+
+    def attach(self, stack: Stack) -> None:
+        profile.finish(self.procs)
+        self.procs.clear()
+        label = f"{self.scenario}-{stack.name}-{len(self.files)}"
+        self.procs.extend(profile.start(stack.pids, self.cfg.step_seconds, self.results, label))
+        self.files.extend(profile.profile_path(self.results, label, pid) for pid in stack.pids)
+
+    def report(self) -> None:
+        profile.finish(self.procs)
+        self.runner.on_step = None
+        summary = profile.summarise(self.files, top=25)
+        print(f"  py-spy over {self.scenario}: own | inclusive (files in {self.results})")
+        for own, incl in zip(summary["own"], summary["inclusive"], strict=False):
+            print(
+                f"  {own['percent']:5.1f}% {own['frame'][:70]:<70}"
+                f" | {incl['percent']:5.1f}% {incl['frame'][:70]}"
+            )
 
 
 def main() -> int:

@@ -213,6 +213,8 @@ class Runner:
             await settle([stack])
             rss0 = stack.rss()
             measure = Measure(stack, self.redis_pid)
+            if self.on_step is not None:
+                self.on_step(stack)
             measure.start()
             conns = await self.gen.open_many(stack, specs, cfg.idle_concurrency)
             counters = measure.stop()
@@ -276,6 +278,8 @@ class Runner:
         gen = self.gen
         measure = Measure(stack, self.redis_pid)
         step = gen.begin()
+        if self.on_step is not None:
+            self.on_step(stack)
         measure.start()
         start = time.monotonic()
         end = start + duration

@@ -30,6 +30,7 @@ _NUMERIC: dict[str, tuple[type | tuple[type, ...], int]] = {
     "REALTIME_MAX_BUFFERED_BYTES": (int, 65536),
     "REALTIME_SSE_KEEPALIVE": ((int, float), 1),
     "REALTIME_LONGPOLL_TIMEOUT": ((int, float), 1),
+    "REALTIME_SEND_BATCH_WAIT": ((int, float), 0),
 }
 
 CHECK_IDS = (

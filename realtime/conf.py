@@ -124,6 +124,11 @@ SETTINGS: tuple[Setting, ...] = (
         "Open WebSocket connections per client address in one process; the next gets 4029.",
     ),
     Setting(
+        "REALTIME_SEND_BATCH_WAIT",
+        0.005,
+        "Seconds a busy send writer waits for more sends before storing the next batch.",
+    ),
+    Setting(
         "REALTIME_MAX_BUFFERED_BYTES",
         1024 * 1024,
         "Bytes written but not yet taken by a client before it is closed as slow (4008).",
@@ -155,6 +160,7 @@ class _Conf:
     REALTIME_MAX_CONNECTIONS_PER_USER: int
     REALTIME_MAX_CONNECTIONS_PER_IP: int
     REALTIME_MAX_BUFFERED_BYTES: int
+    REALTIME_SEND_BATCH_WAIT: float
     REALTIME_SSE_KEEPALIVE: float
     REALTIME_LONGPOLL_TIMEOUT: float
 

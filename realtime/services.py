@@ -13,7 +13,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import connection, transaction
 from django.db.models import F
 
-from realtime import metrics
+from realtime import metrics, pgbatch
 from realtime.conf import conf
 from realtime.errors import Forbidden, RealtimeError, RoomNotFound, Unauthorized
 from realtime.models import Membership, Message, Room
@@ -228,6 +228,16 @@ def append_message(
     return result
 
 
+@dataclass
+class Plan:
+    """What a batch does (see append_messages): the answers, and the rows to write."""
+
+    results: list[AppendResult | RealtimeError | None]
+    created: list[tuple[int, Message]]  # (item index, new message), in seq order per room
+    repeats: list[tuple[int, Message]]  # retries of a message created in the same batch
+    heads: dict[int, int]  # room pk -> its new head_seq (rooms that got messages)
+
+
 def append_messages(items: list[Append]) -> list[AppendResult | RealtimeError]:
     """Persist several sends in one transaction (group commit); a result or error for each.
 
@@ -237,9 +247,31 @@ def append_messages(items: list[Append]) -> list[AppendResult | RealtimeError]:
     ``SELECT ... FOR UPDATE`` in primary-key order, so two processes never deadlock; SQLite:
     the write lock of the IMMEDIATE transaction, or of a first UPDATE without it), so two
     processes can never allocate the same seq, and a rolled-back transaction gives its seqs
-    back (no hole). The statements per call are a constant number, not one set per message.
+    back (no hole). The statements per call are a constant number, not one set per message;
+    on PostgreSQL with psycopg 3 they go in two round trips (realtime/pgbatch.py).
     """
-    results: list[AppendResult | RealtimeError | None] = [None] * len(items)
+    if pgbatch.supported():
+        plan = pgbatch.store(
+            items,
+            lambda rooms, memberships, existing: _plan(items, rooms, memberships, existing),
+            _existing_rows,
+            _member_user_ids(items),
+            _retry_keys(items),
+        )
+    else:
+        plan = _append_with_orm(items)
+    for i, message in plan.created:
+        plan.results[i] = AppendResult(message_dict(message, items[i].slug), True)
+    for i, message in plan.repeats:
+        plan.results[i] = AppendResult(message_dict(message, items[i].slug), False)
+    if plan.created:
+        metrics.MESSAGES_PERSISTED.inc(len(plan.created))
+    done = [r for r in plan.results if r is not None]
+    assert len(done) == len(items)
+    return done
+
+
+def _append_with_orm(items: list[Append]) -> Plan:
     slugs = sorted({item.slug for item in items})
     with transaction.atomic():
         rooms_query = Room.objects.filter(slug__in=slugs)
@@ -249,69 +281,87 @@ def append_messages(items: list[Append]) -> list[AppendResult | RealtimeError]:
             # Take the write lock with the first statement (SQLite, DEFERRED mode).
             rooms_query.update(head_seq=F("head_seq"))
         rooms = {room.slug: room for room in rooms_query}
-        memberships = _memberships_for(rooms.values(), items)
-        existing = _existing_for(rooms, items)
-        heads = {slug: room.head_seq for slug, room in rooms.items()}
-        created: list[tuple[int, Message]] = []
-        # Retries of a message created earlier in this batch: answered once it has its id.
-        fresh: dict[tuple[int, Any, str], Message] = {}
-        repeats: list[tuple[int, Message]] = []
-        for i, item in enumerate(items):
-            room = rooms.get(item.slug)
-            if room is None:
-                results[i] = RoomNotFound(f"room {item.slug!r} does not exist")
+        plan = _plan(
+            items, rooms, _memberships_for(rooms.values(), items), _existing_for(rooms, items)
+        )
+        if plan.created:
+            _insert([m for _, m in plan.created])
+            _set_heads(plan.heads)
+    return plan
+
+
+def _plan(
+    items: list[Append],
+    rooms: dict[str, Room],
+    memberships: dict[tuple[int, Any], Membership],
+    existing: dict[tuple[int, Any, str], Message],
+) -> Plan:
+    """Decide each item of a batch, given its locked rooms, memberships and stored retries."""
+    results: list[AppendResult | RealtimeError | None] = [None] * len(items)
+    heads = {slug: room.head_seq for slug, room in rooms.items()}
+    created: list[tuple[int, Message]] = []
+    # Retries of a message created earlier in this batch: answered once it has its id.
+    fresh: dict[tuple[int, Any, str], Message] = {}
+    repeats: list[tuple[int, Message]] = []
+    for i, item in enumerate(items):
+        room = rooms.get(item.slug)
+        if room is None:
+            results[i] = RoomNotFound(f"room {item.slug!r} does not exist")
+            continue
+        if item.user is not None:
+            key = (room.pk, getattr(item.user, "pk", None))
+            try:
+                authorize(room, item.user, send=True, membership=memberships.get(key))
+            except RealtimeError as exc:
+                results[i] = exc
                 continue
-            if item.user is not None:
-                key = (room.pk, getattr(item.user, "pk", None))
-                try:
-                    authorize(room, item.user, send=True, membership=memberships.get(key))
-                except RealtimeError as exc:
-                    results[i] = exc
-                    continue
-            sender = item.user if item.user is not None and item.user.is_authenticated else None
-            dedupe = None
-            if item.client_msg_id is not None and sender is not None:
-                dedupe = (room.pk, sender.pk, item.client_msg_id)
-                if dedupe in existing:
-                    results[i] = AppendResult(message_dict(existing[dedupe], room.slug), False)
-                    continue
-                if dedupe in fresh:
-                    repeats.append((i, fresh[dedupe]))
-                    continue
-            heads[room.slug] += 1
-            message = Message(
-                room=room,
-                seq=heads[room.slug],
-                sender=sender,
-                payload=item.payload,
-                client_msg_id=item.client_msg_id,
-            )
-            created.append((i, message))
-            if dedupe is not None:
-                fresh[dedupe] = message
-        if created:
-            _insert([m for _, m in created])
-            _set_heads(
-                {rooms[slug].pk: h for slug, h in heads.items() if h != rooms[slug].head_seq}
-            )
-    for i, message in created:
-        results[i] = AppendResult(message_dict(message, items[i].slug), True)
-    for i, message in repeats:
-        results[i] = AppendResult(message_dict(message, items[i].slug), False)
-    if created:
-        metrics.MESSAGES_PERSISTED.inc(len(created))
-    done = [r for r in results if r is not None]
-    assert len(done) == len(items)
-    return done
+        sender = item.user if item.user is not None and item.user.is_authenticated else None
+        dedupe = None
+        if item.client_msg_id is not None and sender is not None:
+            dedupe = (room.pk, sender.pk, item.client_msg_id)
+            if dedupe in existing:
+                results[i] = AppendResult(message_dict(existing[dedupe], room.slug), False)
+                continue
+            if dedupe in fresh:
+                repeats.append((i, fresh[dedupe]))
+                continue
+        heads[room.slug] += 1
+        message = Message(
+            room=room,
+            seq=heads[room.slug],
+            sender=sender,
+            payload=item.payload,
+            client_msg_id=item.client_msg_id,
+        )
+        created.append((i, message))
+        if dedupe is not None:
+            fresh[dedupe] = message
+    changed = {rooms[slug].pk: h for slug, h in heads.items() if h != rooms[slug].head_seq}
+    return Plan(results, created, repeats, changed)
 
 
-def _memberships_for(rooms: Any, items: list[Append]) -> dict[tuple[int, Any], Membership]:
-    """The memberships authorize() needs for ``items``: one query for the whole batch."""
-    user_ids = {
+def _member_user_ids(items: list[Append]) -> set[Any]:
+    """Users whose memberships authorize() needs (superusers need none)."""
+    return {
         item.user.pk
         for item in items
         if item.user is not None and item.user.is_authenticated and not item.user.is_superuser
     }
+
+
+def _retry_keys(items: list[Append]) -> set[tuple[str, Any, str]]:
+    """(room, sender, client_msg_id) of every send that could repeat a stored message (only
+    signed-in senders' ids are deduplicated)."""
+    return {
+        (item.slug, item.user.pk, item.client_msg_id)
+        for item in items
+        if item.client_msg_id is not None and item.user is not None and item.user.is_authenticated
+    }
+
+
+def _memberships_for(rooms: Any, items: list[Append]) -> dict[tuple[int, Any], Membership]:
+    """The memberships authorize() needs for ``items``: one query for the whole batch."""
+    user_ids = _member_user_ids(items)
     if not user_ids:
         return {}
     rows = Membership.objects.filter(room__in=list(rooms), user_id__in=user_ids).order_by()
@@ -325,26 +375,31 @@ def _existing_for(
 
     One narrow query on the partial unique index (no ORDER BY, no join); the whole rows are
     read only for the ids that are there, which only retries have."""
-    ids = {
-        item.client_msg_id
-        for item in items
-        if item.client_msg_id is not None and item.user is not None and item.user.is_authenticated
-    }
-    if not ids or not rooms:
+    keys = _retry_keys(items)
+    if not keys or not rooms:
         return {}
     hits = list(
-        Message.objects.filter(room__in=list(rooms.values()), client_msg_id__in=ids)
+        Message.objects.filter(
+            room__in=list(rooms.values()),
+            sender_id__in={sender for _, sender, _ in keys},
+            client_msg_id__in={client_msg_id for _, _, client_msg_id in keys},
+        )
         .order_by()
         .values_list("pk", flat=True)
     )
-    if not hits:
-        return {}
-    rows = Message.objects.filter(pk__in=hits).select_related("sender").order_by()
+    return _existing_rows(hits) if hits else {}
+
+
+def _existing_rows(ids: list[int]) -> dict[tuple[int, Any, str], Message]:
+    """The stored messages with these ids, keyed as append_messages deduplicates."""
+    rows = Message.objects.filter(pk__in=ids).select_related("sender").order_by()
     return {(m.room_id, m.sender_id, m.client_msg_id): m for m in rows if m.client_msg_id}
 
 
 def _set_heads(heads: dict[int, int]) -> None:
     """``UPDATE room SET head_seq = CASE id ...``: every room of a batch in one statement."""
+    if not heads:
+        return
     quote = connection.ops.quote_name
     table, pk = quote(Room._meta.db_table), quote(Room._meta.pk.column)
     head = quote(Room._meta.get_field("head_seq").column)

@@ -1,4 +1,8 @@
-"""Test settings: the demo project's, with a file SQLite database threads can share."""
+"""Test settings: the demo project's, with a file SQLite database threads can share.
+
+REALTIME_TEST_DATABASE_URL (a PostgreSQL URL) replaces it: tests/test_postgres.py runs the
+store's tests that way, so both of append_messages' paths are tested.
+"""
 
 import os
 import tempfile
@@ -18,5 +22,10 @@ DATABASES = {
         "TEST": {"NAME": _TEST_DB},
     }
 }
+if os.environ.get("REALTIME_TEST_DATABASE_URL"):
+    import dj_database_url
+
+    DATABASES = {"default": dj_database_url.parse(os.environ["REALTIME_TEST_DATABASE_URL"])}
+
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -2,7 +2,7 @@ import threading
 
 import pytest
 from django.contrib.auth.models import AnonymousUser
-from django.db import connection
+from django.db import IntegrityError, connection, transaction
 
 from realtime import services
 from realtime.errors import Forbidden, RoomNotFound, Unauthorized
@@ -237,8 +237,29 @@ def test_history_after_seq_pages_forwards(rooms, users):
 
 
 # -- batches (group commit, writer.py) --------------------------------------------------------
+# Outside a test transaction (transaction=True), as in the writer thread: on PostgreSQL they
+# take the pipelined path (realtime/pgbatch.py; tests/test_postgres.py runs them there), on
+# SQLite the ORM path. Inside one (the tests above), PostgreSQL takes the ORM path too.
+
+batch_db = pytest.mark.django_db(transaction=True)
 
 
+@batch_db
+def test_batches_take_the_pipelined_path_exactly_on_postgresql(rooms, users, monkeypatch):
+    from realtime import pgbatch
+
+    calls = []
+    real_store = pgbatch.store
+    monkeypatch.setattr(pgbatch, "store", lambda *a: calls.append(1) or real_store(*a))
+    services.append_messages([services.Append("lobby", users["alice"], {"n": 1})])
+    assert len(calls) == (1 if connection.vendor == "postgresql" else 0)
+    with transaction.atomic():  # a caller's transaction: the ORM path nests in it
+        services.append_messages([services.Append("lobby", users["alice"], {"n": 2})])
+    assert len(calls) == (1 if connection.vendor == "postgresql" else 0)
+    assert Room.objects.get(slug="lobby").head_seq == 2
+
+
+@batch_db
 def test_batch_allocates_contiguous_seqs_per_room_in_list_order(rooms, users):
     alice, bob = users["alice"], users["bob"]
     send("lobby", alice)  # lobby head 1
@@ -268,6 +289,7 @@ def test_batch_allocates_contiguous_seqs_per_room_in_list_order(rooms, users):
     ]
 
 
+@batch_db
 def test_refusals_in_a_batch_take_no_seq_and_spare_the_others(rooms, users):
     Membership.objects.create(room=rooms["lobby"], user=users["bob"], banned=True)
     batch = [
@@ -296,6 +318,7 @@ def test_refusals_in_a_batch_take_no_seq_and_spare_the_others(rooms, users):
     assert Room.objects.get(slug="news").head_seq == 0
 
 
+@batch_db
 def test_retries_in_and_across_batches_return_the_original(rooms, users):
     alice = users["alice"]
     first = send("lobby", alice, "stored before", client_msg_id="a")
@@ -315,13 +338,15 @@ def test_retries_in_and_across_batches_return_the_original(rooms, users):
     assert Room.objects.get(slug="lobby").head_seq == 3
 
 
-def test_a_failing_batch_rolls_back_every_seq(rooms, users, monkeypatch):
-    def broken(messages):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(services, "_insert", broken)
+@batch_db
+def test_a_failing_batch_rolls_back_every_seq(rooms, users):
+    # A row the head does not know about (seq 2) makes the batch's INSERT fail.
+    Message.objects.create(room=rooms["lobby"], seq=2, payload={})
     batch = [services.Append("lobby", users["alice"], {"n": n}) for n in range(3)]
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(IntegrityError):
         services.append_messages(batch)
     assert Room.objects.get(slug="lobby").head_seq == 0
-    assert Message.objects.count() == 0
+    assert Message.objects.count() == 1
+    # The connection is usable again (the failed transaction was rolled back).
+    Message.objects.filter(seq=2).delete()
+    assert send("lobby", users["alice"]).message["seq"] == 1

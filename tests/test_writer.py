@@ -87,3 +87,50 @@ async def test_a_cancelled_sender_does_not_break_the_writer(rooms, users):
     assert gone.cancelled()
     # The cancelled send was stored all the same (its client retries with client_msg_id).
     assert later.message["seq"] == 2
+
+
+async def test_a_busy_writer_waits_for_more_sends_before_the_next_batch(rooms, users, settings):
+    # A (alone) is held in the store while B queues: the writer is busy, so before storing B
+    # it waits up to REALTIME_SEND_BATCH_WAIT, and C, sent once A is answered, joins B.
+    settings.REALTIME_SEND_BATCH_WAIT = TIMEOUT
+    entered, release = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def store(items):
+        sizes.append(len(items))
+        entered.set()
+        if len(sizes) == 1:
+            assert release.wait(TIMEOUT)
+        return services.append_messages(items)
+
+    batch_writer = writer.BatchWriter(store)
+
+    def send(n):
+        return asyncio.ensure_future(
+            batch_writer.append(services.Append("lobby", users["alice"], {"n": n}))
+        )
+
+    a = send(0)
+    assert await asyncio.to_thread(entered.wait, TIMEOUT)
+    b = send(1)
+    await asyncio.sleep(0)  # b runs up to its wait: queued behind A
+    release.set()
+    async with asyncio.timeout(TIMEOUT):
+        await a
+        c = send(2)
+        # MAX_BATCH sends end the wait early: the test does not wait TIMEOUT seconds.
+        rest = [send(n) for n in range(3, writer.MAX_BATCH + 1)]
+        results = [await b, await c] + [await task for task in rest]
+    assert sizes == [1, writer.MAX_BATCH]
+    assert [r.message["seq"] for r in results] == list(range(2, writer.MAX_BATCH + 2))
+
+
+async def test_a_lone_send_does_not_wait_for_company(rooms, users, settings):
+    # An idle writer stores a single send at once, whatever REALTIME_SEND_BATCH_WAIT says.
+    settings.REALTIME_SEND_BATCH_WAIT = 3600
+    batch_writer = writer.BatchWriter()
+    for n in range(3):  # each one alone: the writer is idle again when the next comes
+        async with asyncio.timeout(TIMEOUT):
+            result = await batch_writer.append(services.Append("lobby", users["alice"], {"n": n}))
+        assert result.message["seq"] == n + 1
+    assert batch_writer.batches == 3
