@@ -122,8 +122,7 @@ def store(
     ``retry_keys``: the (room slug, sender pk, client_msg_id) a batch could repeat.
     ``load_existing(ids)`` reads the messages it does repeat (retries only; an ORM query
     inside the same transaction)."""
-    import psycopg
-
+    psycopg = connection.Database  # type: ignore[attr-defined]  # the driver: see supported()
     sql = _statements()
     connection.ensure_connection()
     raw = connection.connection
@@ -133,7 +132,7 @@ def store(
     users = sorted(set(user_ids), key=str)
     keys = [list(column) for column in zip(*sorted(set(retry_keys)), strict=True)]
 
-    def run(query: str, params: list[Any]) -> psycopg.Cursor[Any]:
+    def run(query: str, params: list[Any]) -> Any:
         cursor = psycopg.Cursor(raw)
         cursor.execute(query, params, prepare=prepare)
         return cursor
