@@ -55,10 +55,28 @@ def async_client() -> Any:
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
-        import redis.asyncio
-
-        client = _clients[loop] = _make(redis.asyncio, host)
+        client = _clients[loop] = _async_client(host)
     return client
+
+
+# Connections one loop's client may open at once. Past it a command waits for a free one
+# (up to the socket timeout) instead of failing: redis-py's default pool raises "Too many
+# connections" at once, and a burst of disconnects (a process draining, a network blip)
+# runs one presence leave per connection at the same moment.
+MAX_CONNECTIONS = 100
+
+
+def _async_client(host: dict[str, Any]) -> Any:
+    import redis.asyncio
+
+    options = {"max_connections": MAX_CONNECTIONS, "timeout": SOCKET_TIMEOUT, **host}
+    address = options.pop("address", None)
+    pool_class = redis.asyncio.BlockingConnectionPool
+    if address is not None:
+        pool = pool_class.from_url(address, **options)
+    else:
+        pool = pool_class(**options)
+    return redis.asyncio.Redis(connection_pool=pool)
 
 
 def sync_client() -> Any:

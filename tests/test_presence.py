@@ -113,3 +113,29 @@ async def test_redis_keys_expire_when_a_room_is_abandoned(redis_url, settings):
     ttls = [await client.ttl(key) for key in presence._keys("lobby")]
     assert all(0 < ttl <= 200 for ttl in ttls), ttls
     await client.aclose()
+
+
+async def test_a_burst_of_leaves_waits_for_connections_instead_of_failing(redis_url, settings):
+    # 3x the pool's connections at once, as when every connection of a process closes in the
+    # same instant: redis-py's default pool refused the excess ("Too many connections").
+    from realtime import store
+
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [redis_url]},
+        }
+    }
+    client = store.async_client()
+    await client.flushdb()
+    backend = RedisBackend(client)
+    n = 3 * store.MAX_CONNECTIONS
+    for i in range(n):
+        await backend.join("lobby", f"c{i}", {"id": i, "name": f"u{i}"})
+    async with asyncio.timeout(30):
+        outcomes = await asyncio.gather(
+            *(backend.leave("lobby", f"c{i}") for i in range(n)), return_exceptions=True
+        )
+    assert [o for o in outcomes if isinstance(o, BaseException)] == []
+    assert await backend.users("lobby") == []
+    await client.aclose()
