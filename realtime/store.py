@@ -71,11 +71,8 @@ def _async_client(host: dict[str, Any]) -> Any:
 
     options = {"max_connections": MAX_CONNECTIONS, "timeout": SOCKET_TIMEOUT, **host}
     address = options.pop("address", None)
-    pool_class = redis.asyncio.BlockingConnectionPool
-    if address is not None:
-        pool = pool_class.from_url(address, **options)
-    else:
-        pool = pool_class(**options)
+    blocking = redis.asyncio.BlockingConnectionPool
+    pool = blocking(**options) if address is None else blocking.from_url(address, **options)
     return redis.asyncio.Redis(connection_pool=pool)
 
 
