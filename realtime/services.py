@@ -252,11 +252,11 @@ def append_messages(items: list[Append]) -> list[AppendResult | RealtimeError]:
     """
     if pgbatch.supported():
         plan = pgbatch.store(
-            items,
-            lambda rooms, memberships, existing: _plan(items, rooms, memberships, existing),
-            _existing_rows,
+            (item.slug for item in items),
             _member_user_ids(items),
             _retry_keys(items),
+            lambda rooms, memberships, existing: _plan(items, rooms, memberships, existing),
+            _existing_rows,
         )
     else:
         plan = _append_with_orm(items)

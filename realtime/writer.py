@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -78,12 +77,7 @@ class BatchWriter:
                 if wait > 0:
                     # Under load, let the batch grow for a moment: a transaction's fixed
                     # cost (about 1 ms of PostgreSQL CPU here) is shared by more sends.
-                    deadline = time.monotonic() + wait
-                    while len(self._queue) < MAX_BATCH:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._wake.wait(left)
+                    self._wake.wait_for(lambda: len(self._queue) >= MAX_BATCH, timeout=wait)
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             results: list[Result]
             try:

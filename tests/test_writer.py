@@ -15,7 +15,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 TIMEOUT = 10
 
 
-async def test_concurrent_sends_share_batches_and_get_their_own_results(rooms, users):
+def first_batch_held():
+    """A store that holds its first batch until ``release`` is set (so that sends queue up
+    behind it), and records each batch's size."""
     entered, release = threading.Event(), threading.Event()
     sizes: list[int] = []
 
@@ -23,10 +25,14 @@ async def test_concurrent_sends_share_batches_and_get_their_own_results(rooms, u
         sizes.append(len(items))
         entered.set()
         if len(sizes) == 1:
-            # Hold the first batch until every other send has been queued behind it.
             assert release.wait(TIMEOUT)
         return services.append_messages(items)
 
+    return store, entered, release, sizes
+
+
+async def test_concurrent_sends_share_batches_and_get_their_own_results(rooms, users):
+    store, entered, release, sizes = first_batch_held()
     batch_writer = writer.BatchWriter(store)
     first = asyncio.ensure_future(
         batch_writer.append(services.Append("lobby", users["alice"], {"n": 0}))
@@ -93,16 +99,7 @@ async def test_a_busy_writer_waits_for_more_sends_before_the_next_batch(rooms, u
     # A (alone) is held in the store while B queues: the writer is busy, so before storing B
     # it waits up to REALTIME_SEND_BATCH_WAIT, and C, sent once A is answered, joins B.
     settings.REALTIME_SEND_BATCH_WAIT = TIMEOUT
-    entered, release = threading.Event(), threading.Event()
-    sizes: list[int] = []
-
-    def store(items):
-        sizes.append(len(items))
-        entered.set()
-        if len(sizes) == 1:
-            assert release.wait(TIMEOUT)
-        return services.append_messages(items)
-
+    store, entered, release, sizes = first_batch_held()
     batch_writer = writer.BatchWriter(store)
 
     def send(n):
