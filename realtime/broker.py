@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from channels.layers import BaseChannelLayer, get_channel_layer
 
-from realtime import metrics
+from realtime import metrics, store
 from realtime.conf import conf
 
 logger = logging.getLogger(__name__)
@@ -282,23 +282,49 @@ def get_hub() -> Hub:
     return hub
 
 
+def _pubsub_channel(layer: Any, group: str) -> str | None:
+    """The Redis pub/sub channel of ``group`` when a PUBLISH from realtime's own Redis client
+    reaches the layer's subscribers: channels-redis' pub/sub layer on one Redis host, which
+    is the host store.py talks to. None for any other layer (use its group_send)."""
+    direct = _direct.get(layer)
+    if direct is None:
+        hosts = getattr(layer, "_kwargs", {}).get("hosts") or [None]
+        direct = _direct[layer] = (
+            type(layer).__module__ == "channels_redis.pubsub"
+            and len(hosts) == 1  # sharded, the layer picks the host per group
+            and store.redis_host() is not None
+        )
+    return str(layer._get_group_channel_name(group)) if direct else None
+
+
+_direct: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+async def _group_send(room: str, message: dict[str, Any]) -> None:
+    layer = get_layer()
+    group = room_group(room)
+    channel = _pubsub_channel(layer, group)
+    pipeline = store.auto_pipeline() if channel is not None else None
+    if pipeline is None:
+        await layer.group_send(group, message)
+        return
+    # The layer's own group_send is one PUBLISH per call; through the auto-pipeline the
+    # broadcasts of concurrent sends share a round trip (store.AutoPipeline).
+    await pipeline.execute("PUBLISH", channel, layer.serialize(message))
+
+
 async def publish_message(room: str, seq: int, frame: str) -> None:
     """Broadcast a persisted message's pre-encoded frame to every process."""
-    await get_layer().group_send(
-        room_group(room), {"type": MESSAGE, "room": room, "seq": seq, "frame": frame}
-    )
+    await _group_send(room, {"type": MESSAGE, "room": room, "seq": seq, "frame": frame})
 
 
 async def publish_ephemeral(room: str, frame: str, exclude_user: Any = None) -> None:
     """Broadcast a frame that is not part of the timeline (typing)."""
-    await get_layer().group_send(
-        room_group(room),
-        {"type": EPHEMERAL, "room": room, "frame": frame, "exclude_user": exclude_user},
+    await _group_send(
+        room, {"type": EPHEMERAL, "room": room, "frame": frame, "exclude_user": exclude_user}
     )
 
 
 async def publish_control(room: str, op: str, **fields: Any) -> None:
     """Tell every session in the room, on every process, to act (recheck rights, kick)."""
-    await get_layer().group_send(
-        room_group(room), {"type": CONTROL, "room": room, "op": op, **fields}
-    )
+    await _group_send(room, {"type": CONTROL, "room": room, "op": op, **fields})

@@ -91,19 +91,25 @@ class BatchWriter:
             self.batches += 1
             with self._wake:
                 busy = bool(self._queue)
+            # One wake-up per event loop, not per send: each call_soon_threadsafe writes to
+            # the loop's self-pipe (a system call on both sides).
+            answers: dict[asyncio.AbstractEventLoop, list[tuple[Any, Result]]] = {}
             for (_, loop, future), result in zip(batch, results, strict=True):
+                answers.setdefault(loop, []).append((future, result))
+            for loop, settled in answers.items():
                 # RuntimeError: that event loop is closed, nobody waits for the answer.
                 with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_settle, future, result)
+                    loop.call_soon_threadsafe(_settle, settled)
 
 
-def _settle(future: asyncio.Future[services.AppendResult], result: Result) -> None:
-    if future.done():  # the sender was cancelled (its connection closed)
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _settle(settled: list[tuple[asyncio.Future[services.AppendResult], Result]]) -> None:
+    for future, result in settled:
+        if future.done():  # the sender was cancelled (its connection closed)
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 _writer = BatchWriter()

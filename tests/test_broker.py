@@ -149,3 +149,62 @@ async def test_a_repeated_broadcast_is_handed_on_at_once():
     await wait_for(sub, 3)
     assert [g[1] for g in sub.got] == [1, 2, 1]
     await hub.close()
+
+
+# -- publishing through the auto-pipeline ------------------------------------------------------
+
+import pytest  # noqa: E402
+from channels.layers import channel_layers  # noqa: E402
+
+from .servers import running_redis  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    with running_redis(tmp_path_factory.mktemp("broker-redis")) as server:
+        yield server.url
+
+
+def _layer(settings, backend, hosts):
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": backend, "CONFIG": {"hosts": hosts}}}
+    channel_layers.backends.clear()
+    return broker.get_layer()
+
+
+PUBSUB = "channels_redis.pubsub.RedisPubSubChannelLayer"
+
+
+async def test_only_a_one_host_pubsub_layer_is_published_to_directly(settings, redis_url):
+    group = broker.room_group("lobby")
+    layer = _layer(settings, PUBSUB, [redis_url])
+    assert broker._pubsub_channel(layer, group) == layer._get_group_channel_name(group)
+    two = _layer(settings, PUBSUB, [redis_url, redis_url + "/1"])
+    assert broker._pubsub_channel(two, group) is None
+    core = _layer(settings, "channels_redis.core.RedisChannelLayer", [redis_url])
+    assert broker._pubsub_channel(core, group) is None
+    assert broker._pubsub_channel(InMemoryChannelLayer(), group) is None
+    channel_layers.backends.clear()
+
+
+async def test_concurrent_broadcasts_share_a_round_trip_and_all_arrive_in_order(
+    settings, redis_url
+):
+    from realtime import store
+
+    layer = _layer(settings, PUBSUB, [redis_url])
+    hub = broker.Hub(layer)
+    recorder = Recorder()
+    await hub.subscribe("lobby", recorder)
+    pipeline = store.auto_pipeline()
+    before = pipeline.flushes
+    await asyncio.gather(
+        *(broker.publish_message("lobby", seq, f"f{seq}") for seq in range(1, 11)),
+        broker.publish_ephemeral("lobby", "typing"),
+    )
+    assert pipeline.flushes - before == 1
+    await wait_for(recorder, 11)
+    assert recorder.got[:10] == [("lobby", seq, f"f{seq}") for seq in range(1, 11)]
+    assert recorder.got[10] == ("lobby", None, "typing")
+    await hub.close()
+    await store.async_client().aclose()
+    channel_layers.backends.clear()

@@ -98,3 +98,33 @@ async def test_redis_limit_is_shared_by_two_clients(redis_url):
     assert results[:3] == [None, None, None] and results[3] is not None
     await one.aclose()
     await two.aclose()
+
+
+async def test_concurrent_hits_share_one_round_trip_and_each_gets_its_own_answer(redis_url):
+    import asyncio
+
+    from realtime import store
+
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    limit = RedisLimiter(client, Clock())
+    pipeline = store.pipeline_for(client)
+    before = pipeline.flushes
+    rate = parse_rate("3/10s")
+    results = await asyncio.gather(*(limit.hit(f"user{i % 2}", rate) for i in range(8)))
+    # user0 and user1 each get a burst of 3; their 4th hits are refused, in order.
+    assert [r is None for r in results[0::2]] == [True, True, True, False]
+    assert [r is None for r in results[1::2]] == [True, True, True, False]
+    assert pipeline.flushes - before == 1
+    await client.aclose()
+
+
+async def test_the_limit_survives_redis_forgetting_its_scripts(redis_url):
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    limit = RedisLimiter(client, Clock())
+    rate = parse_rate("1/10s")
+    assert await limit.hit("u", rate) is None
+    await client.script_flush()  # as after a Redis restart
+    assert await limit.hit("u", rate) is not None
+    await client.aclose()
