@@ -47,6 +47,8 @@ class Change:
 class Backend(Protocol):
     async def join(self, room: str, conn: str, user: User) -> Change: ...
 
+    async def enter(self, room: str, conn: str, user: User) -> tuple[Change, list[User]]: ...
+
     async def leave(self, room: str, conn: str) -> Change: ...
 
     async def touch(self, room: str, conns: list[str], users: dict[str, User]) -> Change: ...
@@ -102,6 +104,10 @@ class MemoryBackend:
         if first:
             change.joins.append(user)
         return change
+
+    async def enter(self, room: str, conn: str, user: User) -> tuple[Change, list[User]]:
+        change = await self.join(room, conn, user)
+        return change, await self.users(room)
 
     async def leave(self, room: str, conn: str) -> Change:
         return self._remove(room, conn)
@@ -185,6 +191,12 @@ redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
     + _KEEP
     + "return {first, leaves}"
 )
+# JOIN_SCRIPT, then the room's users in the same step: {first, leaves, counts, info}
+_USERS = "redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4])"
+ENTER_SCRIPT = JOIN_SCRIPT.replace(
+    "return {first, leaves}", "return {first, leaves, " + _USERS + "}"
+)
+USERS_SCRIPT = "return {" + _USERS + "}"
 # ARGV: now, key ttl, conn
 LEAVE_SCRIPT = (
     _SWEEP
@@ -235,47 +247,67 @@ def _decode_users(raw: list[Any]) -> list[User]:
     return users
 
 
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _users_from(counts: list[Any], info: list[Any]) -> list[User]:
+    """The users of a room from its HGETALL replies (flat [field, value, ...] lists)."""
+    names = {_text(uid): _text(data) for uid, data in zip(info[0::2], info[1::2], strict=True)}
+    users = []
+    for uid, n in zip(counts[0::2], counts[1::2], strict=True):
+        data = names.get(_text(uid))
+        if data is not None:
+            users.append({**json.loads(data), "connections": int(n)})
+    return sorted(users, key=lambda u: str(u["id"]))
+
+
+_JOIN = store.Script(JOIN_SCRIPT)
+_ENTER = store.Script(ENTER_SCRIPT)
+_LEAVE = store.Script(LEAVE_SCRIPT)
+_TOUCH = store.Script(TOUCH_SCRIPT)
+_USERS_OF = store.Script(USERS_SCRIPT)
+
+
 class RedisBackend:
-    """Presence shared by every process through Redis."""
+    """Presence shared by every process through Redis.
+
+    Each operation is one script through the loop's auto-pipeline (store.py), so the joins
+    and leaves of a burst of connections share round trips."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
-        self._join = client.register_script(JOIN_SCRIPT)
-        self._leave = client.register_script(LEAVE_SCRIPT)
-        self._touch = client.register_script(TOUCH_SCRIPT)
 
     @staticmethod
     def _key_ttl() -> int:
         return int(conf.REALTIME_PRESENCE_TTL * 10)
 
-    async def join(self, room: str, conn: str, user: User) -> Change:
+    def _join_args(self, conn: str, user: User) -> list[Any]:
         now = _clock()
-        first, leaves = await self._join(
-            keys=_keys(room),
-            args=[
-                now,
-                self._key_ttl(),
-                conn,
-                str(user["id"]),
-                json.dumps(user),
-                now + conf.REALTIME_PRESENCE_TTL,
-            ],
-        )
+        expiry = now + conf.REALTIME_PRESENCE_TTL
+        return [now, self._key_ttl(), conn, str(user["id"]), json.dumps(user), expiry]
+
+    async def join(self, room: str, conn: str, user: User) -> Change:
+        first, leaves = await _JOIN(self.client, _keys(room), self._join_args(conn, user))
         return Change(joins=[user] if first else [], leaves=_decode_users(leaves))
 
+    async def enter(self, room: str, conn: str, user: User) -> tuple[Change, list[User]]:
+        reply = await _ENTER(self.client, _keys(room), self._join_args(conn, user))
+        first, leaves, counts, info = reply
+        change = Change(joins=[user] if first else [], leaves=_decode_users(leaves))
+        return change, _users_from(counts, info)
+
     async def leave(self, room: str, conn: str) -> Change:
-        leaves = await self._leave(keys=_keys(room), args=[_clock(), self._key_ttl(), conn])
+        leaves = await _LEAVE(self.client, _keys(room), [_clock(), self._key_ttl(), conn])
         return Change(leaves=_decode_users(leaves))
 
     async def touch(self, room: str, conns: list[str], users: dict[str, User]) -> Change:
         now = _clock()
-        leaves, missing = await self._touch(
-            keys=_keys(room),
-            args=[now, self._key_ttl(), now + conf.REALTIME_PRESENCE_TTL, *conns],
-        )
+        args = [now, self._key_ttl(), now + conf.REALTIME_PRESENCE_TTL, *conns]
+        leaves, missing = await _TOUCH(self.client, _keys(room), args)
         change = Change(leaves=_decode_users(leaves))
         for raw in missing:
-            conn = raw.decode() if isinstance(raw, bytes) else str(raw)
+            conn = _text(raw)
             if conn in users:  # swept while this process stalled: count it again
                 change.joins.extend((await self.join(room, conn, users[conn])).joins)
         return change
@@ -283,16 +315,8 @@ class RedisBackend:
     async def users(self, room: str) -> list[User]:
         # No sweep here: the leaves a sweep finds must be announced, so only join, leave and
         # touch (whose callers broadcast the diff) sweep. An expired entry shows until then.
-        keys = _keys(room)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(keys[2])
-            pipe.hgetall(keys[3])
-            counts, info = await pipe.execute()
-        users = []
-        for uid, n in counts.items():
-            if uid in info:
-                users.append({**json.loads(info[uid]), "connections": int(n)})
-        return sorted(users, key=lambda u: str(u["id"]))
+        counts, info = await _USERS_OF(self.client, _keys(room), [])
+        return _users_from(counts, info)
 
     async def counts(self, rooms: list[str]) -> dict[str, int]:
         async with self.client.pipeline(transaction=False) as pipe:

@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from redis.exceptions import NoScriptError
-
 from realtime import store
 
 _RATE_RE = re.compile(r"\s*(\d+)\s*/\s*(\d*(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
@@ -98,6 +96,7 @@ end
 redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', math.ceil(period * 1000) + 1000)
 return ''
 """
+_GCRA = store.Script(_GCRA_SCRIPT)
 
 
 class RedisLimiter:
@@ -106,18 +105,11 @@ class RedisLimiter:
     def __init__(self, client: Any, clock: Clock = time.time) -> None:
         self.clock = clock
         self._client = client
-        self._script = client.register_script(_GCRA_SCRIPT)
 
     async def hit(self, key: str, rate: Rate) -> float | None:
-        # EVALSHA through the loop's auto-pipeline: concurrent sends share a round trip.
-        now, period, interval = repr(self.clock()), repr(rate.period), repr(rate.interval)
-        command = ("EVALSHA", self._script.sha, 1, KEY_PREFIX + key, now, period, interval)
-        pipeline = store.pipeline_for(self._client)
-        try:
-            result = await pipeline.execute(*command)
-        except NoScriptError:  # Redis restarted or flushed its scripts: load, then retry
-            await self._client.script_load(_GCRA_SCRIPT)
-            result = await pipeline.execute(*command)
+        # Through the loop's auto-pipeline: concurrent sends share a round trip.
+        args = [repr(self.clock()), repr(rate.period), repr(rate.interval)]
+        result = await _GCRA(self._client, [KEY_PREFIX + key], args)
         text = result.decode() if isinstance(result, bytes) else str(result)
         return float(text) if text else None
 

@@ -279,8 +279,9 @@ class Session:
                 presence.ensure_keeper(self.hub)
                 # Present even if the join below fails: the heartbeat then counts it again.
                 state.present = True
-                change = await backend.join(state.slug, self.conn_id, user)
+                change, users = await backend.enter(state.slug, self.conn_id, user)
                 state.own_diff = await presence.announce(state.slug, change)
+                return users
             return await backend.users(state.slug)
         except Exception:
             # Presence is advisory: a join still works without it (the heartbeat retries).

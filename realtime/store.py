@@ -8,6 +8,7 @@ layer of a single process), and callers use their in-memory backends.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -183,6 +184,25 @@ def pipeline_for(client: Any) -> AutoPipeline:
     if pipeline is None:
         pipeline = _pipelines[client] = AutoPipeline(client)
     return pipeline
+
+
+class Script:
+    """A Lua script run with EVALSHA through the client's auto-pipeline (loaded on demand)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    async def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        from redis.exceptions import NoScriptError
+
+        command = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        pipeline = pipeline_for(client)
+        try:
+            return await pipeline.execute(*command)
+        except NoScriptError:  # a new or restarted Redis: load it, then run it again
+            await client.script_load(self.text)
+            return await pipeline.execute(*command)
 
 
 def auto_pipeline() -> AutoPipeline | None:

@@ -62,6 +62,22 @@ async def test_users_are_listed_once_with_counts(backend):
     assert await store.counts(["lobby", "team"]) == {"lobby": 2, "team": 0}
 
 
+async def test_enter_joins_and_lists_the_users_in_one_step(backend):
+    store, clock = backend
+    await store.join("lobby", "b1", BOB)
+    change, users = await store.enter("lobby", "a1", ALICE)
+    assert change.joins == [ALICE] and change.leaves == []
+    assert users == [{**ALICE, "connections": 1}, {**BOB, "connections": 1}]
+    change, users = await store.enter("lobby", "a2", ALICE)
+    assert change.joins == []
+    assert users == [{**ALICE, "connections": 2}, {**BOB, "connections": 1}]
+    clock.now += 1000  # everybody expired: the next enter sweeps them and reports the leaves
+    change, users = await store.enter("lobby", "b2", BOB)
+    assert sorted(u["id"] for u in change.leaves) == sorted([ALICE["id"], BOB["id"]])
+    assert change.joins == [BOB]  # b1 expired with the rest: b2 is BOB's first again
+    assert users == [{**BOB, "connections": 1}]
+
+
 async def test_leaving_twice_or_unknown_changes_nothing(backend):
     store, _ = backend
     await store.join("lobby", "c1", ALICE)
