@@ -11,7 +11,7 @@ from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, FilteredRelation, Q
 
 from realtime import metrics, pgbatch
 from realtime.conf import conf
@@ -148,10 +148,38 @@ class JoinResult:
     messages: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _room_and_membership(slug: str, user: Any) -> tuple[Room, Membership | None]:
+    """The room and what authorize() would look up for ``user``, in one query."""
+    if user is None or not user.is_authenticated or user.is_superuser:
+        return get_room(slug), None
+    rows = Room.objects.filter(slug=slug).annotate(
+        mine=FilteredRelation("memberships", condition=Q(memberships__user=user)),
+        mine_id=F("mine__id"),
+        mine_role=F("mine__role"),
+        mine_banned=F("mine__banned"),
+        mine_created_at=F("mine__created_at"),
+    )
+    room = next(iter(rows), None)
+    if room is None:
+        raise RoomNotFound(f"room {slug!r} does not exist")
+    if room.mine_id is None:
+        return room, None
+    membership = Membership(
+        id=room.mine_id,
+        room=room,
+        user=user,
+        role=room.mine_role,
+        banned=room.mine_banned,
+        created_at=room.mine_created_at,
+    )
+    membership._state.adding = False  # a row read from the database, as a query makes it
+    membership._state.db = room._state.db
+    return room, membership
+
+
 def join(slug: str, user: Any, after_seq: int | None, epoch: int | None) -> JoinResult:
     """Authorise a join and collect the replay a reconnecting client missed."""
-    room = get_room(slug)
-    membership = _membership_of(room, user)
+    room, membership = _room_and_membership(slug, user)
     authorize(room, user, send=False, membership=membership)
     head = room.head_seq
     result = JoinResult(

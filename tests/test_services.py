@@ -179,6 +179,37 @@ def test_join_without_after_seq_replays_nothing(rooms, users):
     assert (result.head, result.recovered, result.messages) == (3, False, [])
 
 
+@pytest.mark.parametrize(
+    ("room", "user", "can_send"),
+    [
+        ("lobby", "carol", True),  # public, not a member
+        ("team", "alice", True),  # private, member
+        ("news", "bob", False),  # announce, not a member
+        ("news", "staff", True),
+        ("team", "root", True),  # superuser
+    ],
+)
+def test_join_reads_the_room_and_the_membership_in_one_query(
+    rooms, users, room, user, can_send, django_assert_num_queries
+):
+    with django_assert_num_queries(1):
+        result = services.join(room, users[user], None, None)
+    assert result.can_send is can_send
+
+
+def test_join_sees_a_moderator_ban_and_a_missing_room_in_its_one_query(rooms, users):
+    news = rooms["news"]
+    Membership.objects.create(room=news, user=users["carol"], role=Membership.Role.MODERATOR)
+    assert services.join("news", users["carol"], None, None).can_send
+    Membership.objects.filter(room=news, user=users["carol"]).update(banned=True)
+    with pytest.raises(Forbidden, match="banned"):
+        services.join("news", users["carol"], None, None)
+    with pytest.raises(Forbidden, match="members only"):
+        services.join("team", users["carol"], None, None)
+    with pytest.raises(RoomNotFound):
+        services.join("nowhere", users["carol"], None, None)
+
+
 def test_join_with_after_seq_replays_the_gap(rooms, users):
     fill("lobby", users["alice"], 5)
     result = services.join("lobby", users["bob"], 2, 1)
