@@ -64,13 +64,6 @@ def _membership(room: Room, user: Any) -> Membership | None:
     return next(iter(Membership.objects.filter(room=room, user=user).order_by()[:1]), None)
 
 
-def _membership_of(room: Room, user: Any) -> Membership | None:
-    """What authorize() would look up for ``user`` (nothing for anonymous and superusers)."""
-    if user is None or not user.is_authenticated or user.is_superuser:
-        return None
-    return _membership(room, user)
-
-
 _LOOKUP: Any = object()  # authorize(): read the membership from the database
 
 
