@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
@@ -343,6 +344,9 @@ def http_get(url: str, timeout: float = HTTP_TIMEOUT) -> tuple[int, str]:
         return exc.code, exc.read().decode(errors="replace")
 
 
+WS_OPEN_TIMEOUT = 15.0  # seconds a WebSocket handshake may take
+
+
 @dataclass
 class DaphneServer:
     process: Process
@@ -363,6 +367,20 @@ class DaphneServer:
     @property
     def ws_url(self) -> str:
         return f"ws://{LOOPBACK}:{self.port}/ws/"
+
+    def websocket(
+        self, cookie: str | None = None, origin: str | None = None, **options: Any
+    ) -> Any:
+        """``async with server.websocket(cookie) as ws``: a websockets client connection with
+        this server's Origin (or ``origin``) and the session ``cookie``, no proxy."""
+        from websockets.asyncio.client import connect
+
+        headers = {"Origin": origin or self.origin}
+        if cookie is not None:
+            headers["Cookie"] = cookie
+        options.setdefault("open_timeout", WS_OPEN_TIMEOUT)
+        options.setdefault("close_timeout", 5)
+        return connect(self.ws_url, additional_headers=headers, proxy=None, **options)
 
 
 def _answers_http(port: int) -> bool:
@@ -530,6 +548,19 @@ def postgres_database(template: str | None = None) -> Iterator[str]:
             yield _pg_url(name)
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def postgres_for_pytest_django() -> Iterator[str]:
+    """The URL of a fresh database name for a pytest-django run, which creates and drops
+    ``test_<name>`` itself; on exit ``test_<name>`` is dropped in case a connection a thread
+    left open kept pytest-django from dropping it."""
+    name = f"realtime_pg_{uuid.uuid4().hex[:12]}"
+    with _pg_admin() as admin:  # type: ignore[attr-defined]
+        try:
+            yield _pg_url(name)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "test_{name}" WITH (FORCE)')
 
 
 @contextlib.contextmanager

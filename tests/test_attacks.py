@@ -306,17 +306,7 @@ async def connected(
     origin: str | None = None,
     **options: Any,
 ) -> AsyncIterator[Client]:
-    headers = {"Origin": origin or server.origin}
-    if cookie is not None:
-        headers["Cookie"] = cookie
-    async with connect(
-        server.ws_url,
-        additional_headers=headers,
-        proxy=None,
-        open_timeout=FRAME_TIMEOUT,
-        close_timeout=5,
-        **options,
-    ) as ws:
+    async with server.websocket(cookie, origin, **options) as ws:
         client = Client(ws, label)
         hello = await client.recv()
         assert hello["type"] == "hello", hello
@@ -530,6 +520,14 @@ async def test_live_revocation_within_the_recheck_period(fresh):
 # -- connection caps -------------------------------------------------------------------------
 
 
+async def assert_refused_over_cap(server, cookie):
+    """One more connection (with ``cookie``, or anonymous) is closed with 4029."""
+    async with server.websocket(cookie) as extra:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(extra.recv(), FRAME_TIMEOUT)
+        assert extra.protocol.close_rcvd is not None and extra.protocol.close_rcvd.code == 4029
+
+
 async def test_connection_caps_refuse_the_extra_connection(fresh):
     server = fresh.strict
     wait_for_connections(server, 0)
@@ -537,27 +535,11 @@ async def test_connection_caps_refuse_the_extra_connection(fresh):
     async with contextlib.AsyncExitStack() as exits:
         for i in range(CAP_PER_USER):
             await exits.enter_async_context(connected(server, cookie, f"capper{i}"))
-        async with connect(
-            server.ws_url,
-            additional_headers={"Origin": server.origin, "Cookie": cookie},
-            proxy=None,
-            open_timeout=FRAME_TIMEOUT,
-        ) as extra:
-            with pytest.raises(ConnectionClosed):
-                await asyncio.wait_for(extra.recv(), FRAME_TIMEOUT)
-            assert extra.protocol.close_rcvd is not None and extra.protocol.close_rcvd.code == 4029
+        await assert_refused_over_cap(server, cookie)
         # Per address: anonymous connections up to the cap, then the next one is refused.
         for i in range(CAP_PER_IP - CAP_PER_USER):
             await exits.enter_async_context(connected(server, None, f"anon{i}"))
-        async with connect(
-            server.ws_url,
-            additional_headers={"Origin": server.origin},
-            proxy=None,
-            open_timeout=FRAME_TIMEOUT,
-        ) as extra:
-            with pytest.raises(ConnectionClosed):
-                await asyncio.wait_for(extra.recv(), FRAME_TIMEOUT)
-            assert extra.protocol.close_rcvd is not None and extra.protocol.close_rcvd.code == 4029
+        await assert_refused_over_cap(server, None)
     wait_for_connections(server, 0)
     async with connected(server, cookie, "capper-again") as again:
         assert again.frames[0]["user"]["name"] == "capper"

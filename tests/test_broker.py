@@ -1,8 +1,11 @@
 import asyncio
 
-from channels.layers import InMemoryChannelLayer
+import pytest
+from channels.layers import InMemoryChannelLayer, channel_layers
 
 from realtime import broker
+
+from .servers import running_redis
 
 
 class Recorder:
@@ -45,6 +48,15 @@ async def send(layer, room, seq):
     )
 
 
+async def lobby_hub():
+    """A hub on a fresh layer with one subscriber in "lobby"."""
+    layer = RestartingLayer()
+    hub = broker.Hub(layer)
+    sub = Recorder()
+    await hub.subscribe("lobby", sub)
+    return layer, hub, sub
+
+
 async def wait_for(recorder, count):
     async with asyncio.timeout(5):
         while len(recorder.got) < count:
@@ -70,10 +82,7 @@ async def test_one_group_membership_per_room_per_process():
 
 
 async def test_hub_rejoins_groups_after_the_layer_restarts_empty():
-    layer = RestartingLayer()
-    hub = broker.Hub(layer)
-    sub = Recorder()
-    await hub.subscribe("lobby", sub)
+    layer, hub, sub = await lobby_hub()
     await send(layer, "lobby", 1)
     await wait_for(sub, 1)
     await layer.flush()  # the restarted layer has no groups any more
@@ -105,10 +114,7 @@ async def test_messages_for_other_rooms_are_not_delivered():
 
 async def test_a_broadcast_ahead_of_its_predecessor_waits_for_it():
     # Two processes publish seq 2 and 3 of one room; 3 reaches this hub first.
-    layer = RestartingLayer()
-    hub = broker.Hub(layer)
-    sub = Recorder()
-    await hub.subscribe("lobby", sub)
+    layer, hub, sub = await lobby_hub()
     await send(layer, "lobby", 1)
     await wait_for(sub, 1)
     await send(layer, "lobby", 3)
@@ -122,10 +128,7 @@ async def test_a_broadcast_ahead_of_its_predecessor_waits_for_it():
 
 
 async def test_a_broadcast_whose_predecessor_is_lost_comes_after_the_window():
-    layer = RestartingLayer()
-    hub = broker.Hub(layer)
-    sub = Recorder()
-    await hub.subscribe("lobby", sub)
+    layer, hub, sub = await lobby_hub()
     await send(layer, "lobby", 1)
     await wait_for(sub, 1)
     await send(layer, "lobby", 4)  # 2 and 3 never come: the session fills them
@@ -140,10 +143,7 @@ async def test_a_broadcast_whose_predecessor_is_lost_comes_after_the_window():
 
 async def test_a_repeated_broadcast_is_handed_on_at_once():
     # A send retried with its client_msg_id is broadcast again with its old seq.
-    layer = RestartingLayer()
-    hub = broker.Hub(layer)
-    sub = Recorder()
-    await hub.subscribe("lobby", sub)
+    layer, hub, sub = await lobby_hub()
     for seq in (1, 2, 1):
         await send(layer, "lobby", seq)
     await wait_for(sub, 3)
@@ -152,11 +152,6 @@ async def test_a_repeated_broadcast_is_handed_on_at_once():
 
 
 # -- publishing through the auto-pipeline ------------------------------------------------------
-
-import pytest  # noqa: E402
-from channels.layers import channel_layers  # noqa: E402
-
-from .servers import running_redis  # noqa: E402
 
 
 @pytest.fixture(scope="module")

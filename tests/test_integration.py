@@ -194,17 +194,7 @@ async def connected(
     **options: Any,
 ) -> AsyncIterator[Client]:
     """A WebSocket to ``server`` with the session ``cookie``; checks ``hello`` comes first."""
-    headers = {"Origin": server.origin}
-    if cookie is not None:
-        headers["Cookie"] = cookie
-    async with connect(
-        server.ws_url,
-        additional_headers=headers,
-        proxy=None,
-        open_timeout=FRAME_TIMEOUT,
-        close_timeout=5,
-        **options,
-    ) as ws:
+    async with server.websocket(cookie, **options) as ws:
         client = Client(ws, label)
         hello = (await client.wait_for(lambda f: f["type"] == "hello", what="hello"))[0]
         assert client.frames[0] is hello, client.frames

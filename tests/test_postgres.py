@@ -10,16 +10,13 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 
+from tests import servers
+
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN_URL = os.environ.get(
-    "REALTIME_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 MODULES = [
     "tests/test_services.py",
     "tests/test_writer.py",
@@ -30,18 +27,8 @@ MODULES = [
 
 @pytest.fixture
 def database_url():
-    name = f"realtime_pg_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is needed at {PG_ADMIN_URL} (REALTIME_TEST_PG_URL): {exc}")
-    with admin:
-        try:
-            yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-        finally:
-            # pytest-django creates and drops test_<name>; a thread's connection left open at
-            # exit can keep it from dropping, so make sure.
-            admin.execute(f'DROP DATABASE IF EXISTS "test_{name}" WITH (FORCE)')
+    with servers.postgres_for_pytest_django() as url:
+        yield url
 
 
 def test_store_tests_pass_on_postgresql(database_url):

@@ -4,16 +4,13 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 
+from tests import servers
+
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN_URL = os.environ.get(
-    "REALTIME_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 
 WORKER = """
 import json, os, sys
@@ -41,17 +38,8 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'db.sqlite3'}"
         return
-    name = f"realtime_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is needed at {PG_ADMIN_URL} (REALTIME_TEST_PG_URL): {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with servers.postgres_database() as url:
+        yield url
 
 
 def test_processes_never_share_or_skip_a_seq(database_url):
