@@ -238,17 +238,12 @@ def _keys(room: str) -> list[str]:
     return [base + ":exp", base + ":conn", base + ":cnt", base + ":info"]
 
 
-def _decode_users(raw: list[Any]) -> list[User]:
-    users = []
-    for item in raw:
-        text = item.decode() if isinstance(item, bytes) else str(item)
-        if text:
-            users.append(json.loads(text))
-    return users
-
-
 def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _decode_users(raw: list[Any]) -> list[User]:
+    return [json.loads(text) for text in map(_text, raw) if text]
 
 
 def _users_from(counts: list[Any], info: list[Any]) -> list[User]:
