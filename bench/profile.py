@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ def start(
     procs = []
     for pid in pids:
         argv = [binary, "record", "--format", "raw", "--rate", "200", "--nonblocking"]
+        if os.environ.get("BENCH_PYSPY_GIL") == "1":
+            argv.append("--gil")  # only the thread holding the GIL: close to CPU time
         argv += ["--duration", str(max(1, int(seconds))), "--pid", str(pid)]
         argv += ["--output", str(profile_path(outdir, label, pid))]
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

@@ -8,6 +8,7 @@ from channels.auth import AuthMiddlewareStack
 from channels.routing import ProtocolTypeRouter, URLRouter
 from django.urls import path
 
+from realtime import wire
 from realtime.auth import ConnectionCaps, OriginCheck, TicketAuth, install_log_redaction
 from realtime.consumers import RealtimeConsumer
 from realtime.sse import drain_shield
@@ -20,9 +21,11 @@ websocket_urlpatterns = [
 def websocket_application() -> Any:
     """The WebSocket routes behind the Origin check, session or ticket auth and connection caps.
 
-    See docs/security.md. Also masks tickets in daphne's access log and Django's log handlers.
+    See docs/security.md. Also masks tickets in daphne's access log and Django's log handlers,
+    and defers autobahn's per-connection debug formatting (wire.defer_handshake_log).
     """
     install_log_redaction()
+    wire.defer_handshake_log()
     return OriginCheck(
         AuthMiddlewareStack(TicketAuth(ConnectionCaps(URLRouter(websocket_urlpatterns))))
     )

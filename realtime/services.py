@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db import connection, transaction
-from django.db.models import F, FilteredRelation, Q
+from django.db import connection, connections, router, transaction
+from django.db.models import F
 
-from realtime import metrics, pgbatch
+from realtime import metrics, pgbatch, rawread
 from realtime.conf import conf
 from realtime.errors import Forbidden, RealtimeError, RoomNotFound, Unauthorized
 from realtime.models import Membership, Message, Room
@@ -141,32 +141,45 @@ class JoinResult:
     messages: list[dict[str, Any]] = field(default_factory=list)
 
 
+_ROOM = rawread.Columns(Room, "r")
+_MEMBERSHIP = rawread.Columns(Membership, "m", ["id", "role", "banned", "created_at"])
+_JOIN_SQL: dict[str, str] = {}  # per database alias
+
+
+def _join_sql(db: Any) -> str:
+    sql = _JOIN_SQL.get(db.alias)
+    if sql is None:
+        sql = _JOIN_SQL[db.alias] = (
+            f"SELECT {_ROOM.select(db)}, {_MEMBERSHIP.select(db)}"
+            f" FROM {_ROOM.table(db)} LEFT OUTER JOIN {_MEMBERSHIP.table(db)}"
+            f" ON ({_MEMBERSHIP.column(db, 'room')} = {_ROOM.column(db, 'id')}"
+            f" AND {_MEMBERSHIP.column(db, 'user')} = %s)"
+            f" WHERE {_ROOM.column(db, 'slug')} = %s"
+        )
+    return sql
+
+
 def _room_and_membership(slug: str, user: Any) -> tuple[Room, Membership | None]:
-    """The room and what authorize() would look up for ``user``, in one query."""
-    if user is None or not user.is_authenticated or user.is_superuser:
-        return get_room(slug), None
-    rows = Room.objects.filter(slug=slug).annotate(
-        mine=FilteredRelation("memberships", condition=Q(memberships__user=user)),
-        mine_id=F("mine__id"),
-        mine_role=F("mine__role"),
-        mine_banned=F("mine__banned"),
-        mine_created_at=F("mine__created_at"),
-    )
-    room = next(iter(rows), None)
-    if room is None:
+    """The room and what authorize() would look up for ``user``, in one query.
+
+    Fixed SQL (rawread.py): the ORM spent most of this per-join read building the query."""
+    lookup = user is not None and user.is_authenticated and not user.is_superuser
+    db = connections[router.db_for_read(Room)]
+    with db.cursor() as cursor:
+        cursor.execute(_join_sql(db), [user.pk if lookup else None, slug])
+        row = cursor.fetchone()
+    if row is None:
         raise RoomNotFound(f"room {slug!r} does not exist")
-    if room.mine_id is None:
+    split = len(_ROOM.fields)
+    room = _ROOM.instance(db, row[:split])
+    if not lookup or row[split] is None:
         return room, None
+    mid, role, banned, created_at = _MEMBERSHIP.convert(db, row[split:])
     membership = Membership(
-        id=room.mine_id,
-        room=room,
-        user=user,
-        role=room.mine_role,
-        banned=room.mine_banned,
-        created_at=room.mine_created_at,
+        id=mid, room=room, user=user, role=role, banned=banned, created_at=created_at
     )
     membership._state.adding = False  # a row read from the database, as a query makes it
-    membership._state.db = room._state.db
+    membership._state.db = db.alias
     return room, membership
 
 

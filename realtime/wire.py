@@ -17,7 +17,9 @@ in Twisted's buffer are never overtaken: a frame then joins the end of that buff
 
 from __future__ import annotations
 
+import pprint
 import struct
+import sys
 from typing import Any
 
 _OPEN = 3  # autobahn's WebSocketProtocol.STATE_OPEN
@@ -113,3 +115,44 @@ def writer_for(protocol: Any) -> Writer | None:
     if sock is None:
         return None
     return Writer(protocol, transport, sock)
+
+
+class _Pformat:
+    """``pprint.pformat(obj)``, computed only if a log line is actually formatted."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __str__(self) -> str:
+        return pprint.pformat(self.obj)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def defer_handshake_log() -> None:
+    """Stop autobahn from pretty-printing its options on every connection (~90 µs each).
+
+    ``WebSocketProtocol._connectionMade`` builds a debug log line with ``pformat`` of every
+    option whether or not debug logging is on. This swaps autobahn's module-level ``pformat``
+    for one that, called from ``_connectionMade`` only, returns an object formatted when the
+    log line is. Every other caller (and any autobahn whose method differs) gets ``pformat``.
+    """
+    try:
+        from autobahn.websocket import protocol
+    except ImportError:  # pragma: no cover - not under daphne
+        return
+    current = getattr(protocol, "pformat", None)
+    method = getattr(protocol.WebSocketProtocol, "_connectionMade", None)
+    if current is not pprint.pformat or method is None:
+        return  # already swapped, or not the autobahn this was written for
+    code = method.__code__
+
+    def pformat(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs and sys._getframe(1).f_code is code:
+            return _Pformat(obj)
+        return pprint.pformat(obj, *args, **kwargs)
+
+    protocol.pformat = pformat  # type: ignore[attr-defined,assignment]

@@ -197,6 +197,27 @@ def test_join_reads_the_room_and_the_membership_in_one_query(
     assert result.can_send is can_send
 
 
+def _fields(instance):
+    return {f.attname: getattr(instance, f.attname) for f in type(instance)._meta.concrete_fields}
+
+
+def test_join_read_returns_what_the_orm_returns(rooms, users):
+    """The join's hand-written SQL (rawread.py) converts values as a queryset does: aware
+    datetimes, bools, the same instances, on SQLite and (test_postgres) on PostgreSQL."""
+    news = rooms["news"]
+    Room.objects.filter(pk=news.pk).update(archived=True, epoch=3, head_seq=7)
+    made = Membership.objects.create(room=news, user=users["carol"], role="moderator", banned=True)
+    room, membership = services._room_and_membership("news", users["carol"])
+    assert _fields(room) == _fields(Room.objects.get(pk=news.pk))
+    assert room.archived is True and room.created_at.tzinfo is not None
+    assert not room._state.adding and membership is not None and not membership._state.adding
+    assert _fields(membership) == _fields(Membership.objects.get(pk=made.pk))
+    assert membership.banned is True and membership.created_at.tzinfo is not None
+    # Not a member, a superuser (never looked up) and anonymous: no membership.
+    for user in (users["bob"], users["root"], AnonymousUser(), None):
+        assert services._room_and_membership("news", user)[1] is None
+
+
 def test_join_sees_a_moderator_ban_and_a_missing_room_in_its_one_query(rooms, users):
     news = rooms["news"]
     Membership.objects.create(room=news, user=users["carol"], role=Membership.Role.MODERATOR)
