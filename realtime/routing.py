@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from channels.auth import AuthMiddlewareStack
 from channels.routing import ProtocolTypeRouter, URLRouter
 from django.urls import path
 
 from realtime import wire
 from realtime.auth import ConnectionCaps, OriginCheck, TicketAuth, install_log_redaction
 from realtime.consumers import RealtimeConsumer
+from realtime.sessionauth import SessionAuthStack
 from realtime.sse import drain_shield
 
 websocket_urlpatterns = [
@@ -27,7 +27,7 @@ def websocket_application() -> Any:
     install_log_redaction()
     wire.defer_handshake_log()
     return OriginCheck(
-        AuthMiddlewareStack(TicketAuth(ConnectionCaps(URLRouter(websocket_urlpatterns))))
+        SessionAuthStack(TicketAuth(ConnectionCaps(URLRouter(websocket_urlpatterns))))
     )
 
 

@@ -22,6 +22,7 @@ MODULES = [
     "tests/test_writer.py",
     "tests/test_protocol.py",
     "tests/test_publishing.py",
+    "tests/test_sessionauth.py",
 ]
 
 
