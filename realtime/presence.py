@@ -147,13 +147,86 @@ def diff_frame(room: str, change: Change) -> str:
     )
 
 
+def merge(changes: list[Change]) -> Change:
+    """One change with the same end state as ``changes`` in order: each user's last move."""
+    last: dict[Any, tuple[bool, User]] = {}
+    for change in changes:
+        for user in change.joins:
+            last.pop(user["id"], None)
+            last[user["id"]] = (True, user)
+        for user in change.leaves:
+            last.pop(user["id"], None)
+            last[user["id"]] = (False, user)
+    merged = Change()
+    for joined, user in last.values():
+        (merged.joins if joined else merged.leaves).append(user)
+    return merged
+
+
+class _Announcer:
+    """One event loop's presence diffs: per room, one publish in flight at a time.
+
+    Changes that come while a room's diff is being published, or in the same loop turn as
+    the first, go out together as one diff (``merge``). A burst of joins (a reconnect storm, a
+    busy room) then costs a few diffs instead of one per join, each delivered to every member;
+    alone, a change is published in the next loop turn, as before.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queued: dict[str, list[tuple[Change, asyncio.Future[str | None]]]] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    def add(self, room: str, change: Change) -> asyncio.Future[str | None]:
+        waiter: asyncio.Future[str | None] = self.loop.create_future()
+        self.queued.setdefault(room, []).append((change, waiter))
+        if room not in self.tasks:
+            self.tasks[room] = self.loop.create_task(self._publish(room))
+        return waiter
+
+    async def _publish(self, room: str) -> None:
+        try:
+            while batch := self.queued.pop(room, None):
+                frame = diff_frame(room, merge([change for change, _ in batch]))
+                try:
+                    await broker.publish_ephemeral(room, frame)
+                except Exception as exc:
+                    for _, waiter in batch:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    continue
+                except BaseException:
+                    for _, waiter in batch:
+                        waiter.cancel()
+                    raise
+                # The frame sent for one change only (a joiner skips its own diff by it).
+                sent = frame if len(batch) == 1 else None
+                for _, waiter in batch:
+                    if not waiter.done():
+                        waiter.set_result(sent)
+        finally:
+            del self.tasks[room]
+            for _, waiter in self.queued.pop(room, ()):  # cancelled mid-publish
+                waiter.cancel()
+
+
+_announcers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Announcer] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 async def announce(room: str, change: Change) -> str | None:
-    """Broadcast a presence change to the room, if there is one; returns the frame sent."""
+    """Broadcast a presence change to the room, if there is one.
+
+    Returns the frame sent when it carried this change alone (None when merged with others,
+    see ``_Announcer``, or when there was nothing to send)."""
     if not (change.joins or change.leaves):
         return None
-    frame = diff_frame(room, change)
-    await broker.publish_ephemeral(room, frame)
-    return frame
+    loop = asyncio.get_running_loop()
+    announcer = _announcers.get(loop)
+    if announcer is None:
+        announcer = _announcers[loop] = _Announcer(loop)
+    return await announcer.add(room, change)
 
 
 # Lua: KEYS = exp (zset conn->expiry), conn (hash conn->uid), cnt (hash uid->n), info (hash

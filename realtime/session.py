@@ -247,7 +247,10 @@ class Session:
         if self._recheck is not None and self._recheck is not asyncio.current_task():
             self._recheck.cancel()
         for task in list(self._fills):
-            task.cancel()
+            # Not the calling task (a failed gap fill aborts from its own task): cancelled,
+            # it would stop at the first wait below and never close the transport.
+            if task is not asyncio.current_task():
+                task.cancel()
         for slug in list(self.rooms):
             await self._leave_room(slug)
 

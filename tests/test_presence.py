@@ -155,3 +155,107 @@ async def test_a_burst_of_leaves_waits_for_connections_instead_of_failing(redis_
     assert [o for o in outcomes if isinstance(o, BaseException)] == []
     assert await backend.users("lobby") == []
     await client.aclose()
+
+
+# -- diffs: merged per room while one is being published ------------------------------------
+
+CAROL = {"id": 3, "name": "carol"}
+
+
+def test_merge_keeps_each_users_last_move():
+    changes = [
+        presence.Change(joins=[ALICE]),
+        presence.Change(joins=[BOB]),
+        presence.Change(leaves=[ALICE]),  # alice came and went: she left
+        presence.Change(leaves=[CAROL]),
+        presence.Change(joins=[CAROL]),  # carol went and came back: she is here
+    ]
+    merged = presence.merge(changes)
+    assert (merged.joins, merged.leaves) == ([BOB, CAROL], [ALICE])
+
+
+@pytest.fixture
+def published(monkeypatch):
+    """broker.publish_ephemeral recorded; each publish waits until ``gate`` is set."""
+    sent = []
+    gate = asyncio.Event()
+    gate.set()
+
+    async def publish(room, frame, exclude_user=None):
+        sent.append((room, frame))
+        await gate.wait()
+
+    monkeypatch.setattr(presence.broker, "publish_ephemeral", publish)
+    return sent, gate
+
+
+async def test_a_lone_change_is_published_alone_and_returned(published):
+    sent, _ = published
+    frame = await presence.announce("lobby", presence.Change(joins=[ALICE]))
+    assert sent == [("lobby", presence.diff_frame("lobby", presence.Change(joins=[ALICE])))]
+    assert frame == sent[0][1]  # the joiner skips its own diff by this text
+    assert await presence.announce("lobby", presence.Change()) is None
+    assert len(sent) == 1
+
+
+async def test_changes_of_one_turn_and_during_a_publish_are_merged(published):
+    sent, gate = published
+    gate.clear()
+    first = [
+        asyncio.ensure_future(presence.announce("lobby", presence.Change(joins=[user])))
+        for user in (ALICE, BOB)
+    ]
+    other_room = asyncio.ensure_future(presence.announce("news", presence.Change(joins=[ALICE])))
+    for _ in range(100):  # bounded: until both rooms' first publishes have started
+        if len(sent) == 2:
+            break
+        await asyncio.sleep(0)
+    assert sorted(sent) == sorted(
+        [
+            ("lobby", presence.diff_frame("lobby", presence.Change(joins=[ALICE, BOB]))),
+            ("news", presence.diff_frame("news", presence.Change(joins=[ALICE]))),
+        ]
+    )
+    # While lobby's diff is in flight, more changes queue up for the next one.
+    later = [
+        asyncio.ensure_future(presence.announce("lobby", change))
+        for change in (presence.Change(leaves=[ALICE]), presence.Change(joins=[CAROL]))
+    ]
+    await asyncio.sleep(0)
+    assert len(sent) == 2
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*first, *later, other_room), 5) == [
+        None,  # merged: not any one joiner's own diff
+        None,
+        None,
+        None,
+        presence.diff_frame("news", presence.Change(joins=[ALICE])),
+    ]
+    assert sent[2] == (
+        "lobby",
+        presence.diff_frame("lobby", presence.Change(joins=[CAROL], leaves=[ALICE])),
+    )
+    assert len(sent) == 3
+
+
+async def test_a_failed_publish_fails_its_batch_only(published, monkeypatch):
+    sent, _ = published
+    real = presence.broker.publish_ephemeral
+    calls = 0
+
+    async def flaky(room, frame, exclude_user=None):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("redis is down")
+        await real(room, frame)
+
+    monkeypatch.setattr(presence.broker, "publish_ephemeral", flaky)
+    failing = [
+        asyncio.ensure_future(presence.announce("lobby", presence.Change(joins=[user])))
+        for user in (ALICE, BOB)
+    ]
+    results = await asyncio.gather(*failing, return_exceptions=True)
+    assert [type(r) for r in results] == [ConnectionError, ConnectionError]
+    assert await presence.announce("lobby", presence.Change(joins=[CAROL])) is not None
+    assert sent == [("lobby", presence.diff_frame("lobby", presence.Change(joins=[CAROL])))]
