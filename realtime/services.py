@@ -143,6 +143,7 @@ class JoinResult:
 
 _ROOM = rawread.Columns(Room, "r")
 _MEMBERSHIP = rawread.Columns(Membership, "m", ["id", "role", "banned", "created_at"])
+_MEMBER_USER: Any = Membership._meta.get_field("user")
 _JOIN_SQL: dict[str, str] = {}  # per database alias
 
 
@@ -166,7 +167,9 @@ def _room_and_membership(slug: str, user: Any) -> tuple[Room, Membership | None]
     lookup = user is not None and user.is_authenticated and not user.is_superuser
     db = connections[router.db_for_read(Room)]
     with db.cursor() as cursor:
-        cursor.execute(_join_sql(db), [user.pk if lookup else None, slug])
+        # Adapted as a queryset adapts it (a UUID primary key is text on SQLite, say).
+        user_id = _MEMBER_USER.get_db_prep_value(user.pk, db) if lookup else None
+        cursor.execute(_join_sql(db), [user_id, slug])
         row = cursor.fetchone()
     if row is None:
         raise RoomNotFound(f"room {slug!r} does not exist")
