@@ -120,14 +120,9 @@ def _load_session(session: Any) -> None:
         return  # no valid key: the session is empty without a read
     db = connections[router.db_for_read(model)]
     meta = model._meta
-    fields: Any = (meta.get_field("session_data"), meta.get_field("session_key"))
-    data_field, key_field = fields
+    key_field: Any = meta.get_field("session_key")
     expire_field: Any = meta.get_field("expire_date")
-    quote = db.ops.quote_name
-    sql = (
-        f"SELECT {quote(data_field.column)} FROM {quote(meta.db_table)}"
-        f" WHERE {quote(key_field.column)} = %s AND {quote(expire_field.column)} > %s"
-    )
+    sql = _session_sql(model, db.alias)
     params = [
         key_field.get_db_prep_value(key, db, prepared=False),
         expire_field.get_db_prep_value(timezone.now(), db, prepared=False),
@@ -143,7 +138,28 @@ def _load_session(session: Any) -> None:
         store._session_cache = store.decode(row[0])
 
 
-_USER_COLUMNS: dict[type[models.Model], rawread.Columns[Any]] = {}
+# The fixed SQL is written once per model and database (functools.cache), not per handshake.
+
+
+@functools.cache
+def _session_sql(model: type[models.Model], alias: str) -> str:
+    db, columns = connections[alias], rawread.Columns(model, "s", ["session_data"])
+    return (
+        f"SELECT {columns.select(db)} FROM {columns.table(db)}"
+        f" WHERE {columns.column(db, 'session_key')} = %s"
+        f" AND {columns.column(db, 'expire_date')} > %s"
+    )
+
+
+@functools.cache
+def _user_read(model: type[models.Model], alias: str) -> tuple[rawread.Columns[Any], str]:
+    db, columns = connections[alias], rawread.Columns(model, "u")
+    pk: Any = model._meta.pk
+    sql = (
+        f"SELECT {columns.select(db)} FROM {columns.table(db)}"
+        f" WHERE {columns.column(db, pk.name)} = %s"
+    )
+    return columns, sql
 
 
 def _backend_user(backend: Any, user_id: Any) -> Any:
@@ -153,17 +169,11 @@ def _backend_user(backend: Any, user_id: Any) -> Any:
         user_model, user_model._default_manager
     ):
         return backend.get_user(user_id)
-    columns = _USER_COLUMNS.get(user_model)
-    if columns is None:
-        columns = _USER_COLUMNS[user_model] = rawread.Columns(user_model, "u")
     db = connections[router.db_for_read(user_model)]
+    columns, sql = _user_read(user_model, db.alias)
     pk: Any = user_model._meta.pk
     with db.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {columns.select(db)} FROM {columns.table(db)}"
-            f" WHERE {columns.column(db, pk.name)} = %s",
-            [pk.get_db_prep_value(user_id, db, prepared=False)],
-        )
+        cursor.execute(sql, [pk.get_db_prep_value(user_id, db, prepared=False)])
         row = cursor.fetchone()
     if row is None:
         return None
