@@ -9,10 +9,11 @@ frame to its local sessions directly: no per-connection channel, queue, task or 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Protocol, TypeVar
 
 from channels.layers import BaseChannelLayer, get_channel_layer
 
@@ -33,6 +34,9 @@ CONTROL = "realtime.control"
 # session), though the missing broadcast arrives a few milliseconds later. A broadcast the
 # layer really lost costs this much latency before the sessions fill the gap as before.
 REORDER_WINDOW = 0.05
+
+
+T = TypeVar("T")
 
 
 def room_group(room: str) -> str:
@@ -78,6 +82,8 @@ class Hub:
         self._deliver_lock = asyncio.Lock()
         self.reordered = 0  # broadcasts that arrived early and were put back in order
         self._tasks: list[asyncio.Task[None]] = []
+        # Reads in flight that every local session asking for the same key shares (shared()).
+        self._shared: dict[Hashable, asyncio.Future[Any]] = {}
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {
             MESSAGE: self._on_message,
             EPHEMERAL: self._on_ephemeral,
@@ -246,6 +252,28 @@ class Hub:
                 await subscriber.control(room, message)
             except Exception:
                 logger.exception("realtime: control %s failed for a session", message.get("op"))
+
+    async def shared(self, key: Hashable, make: Callable[[], Awaitable[T]]) -> T:
+        """``make()``'s result, computed once for all callers asking for ``key`` meanwhile.
+
+        The first caller starts ``make()`` in a task of its own; whoever asks for the same key
+        before it finishes awaits that task instead of starting another (a single flight). A
+        caller that is cancelled stops waiting without cancelling it for the others; an
+        exception reaches every caller. Nothing is kept once it is done: a later call for the
+        key computes afresh.
+        """
+        future = self._shared.get(key)
+        if future is None:
+            future = asyncio.ensure_future(make())
+            self._shared[key] = future
+            future.add_done_callback(functools.partial(self._shared_done, key))
+        return await asyncio.shield(future)
+
+    def _shared_done(self, key: Hashable, future: asyncio.Future[Any]) -> None:
+        if self._shared.get(key) is future:
+            del self._shared[key]
+        if not future.cancelled():
+            future.exception()  # retrieved: each caller re-raises it, or nobody waits any more
 
     def own(self, task: asyncio.Task[None]) -> None:
         """Tie a background task of this loop to the hub, so stop() cancels it too."""

@@ -10,6 +10,7 @@ database (the channel layer may drop or reorder; the database is the source of t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -537,14 +538,24 @@ class Session:
                 return
             upto = min(state.pending) - 1
             upto = min(upto, state.last_seq + conf.REALTIME_GAP_FILL_BATCH)
-            metrics.GAP_FILLS.inc()
-            missed = await self._db(services.messages_between, state.slug, state.last_seq, upto)
-            for message in missed:
-                if message["seq"] > state.last_seq:
-                    state.last_seq = message["seq"]
-                    await self.emit(services.message_frame(message))
+            # Every local session that missed the same broadcasts asks for the same range:
+            # one read (and one encoding) per process, not one per session.
+            key = ("gap", state.slug, state.last_seq, upto)
+            read = functools.partial(_missed_frames, state.slug, state.last_seq, upto)
+            missed = await _guarded(self.hub.shared(key, read), "messages_between")
+            for seq, frame in missed:
+                if seq > state.last_seq:
+                    state.last_seq = seq
+                    await self.emit(frame)
             # Seqs absent from the database were deleted: nothing to wait for.
             state.last_seq = max(state.last_seq, upto)
+
+
+async def _missed_frames(slug: str, after_seq: int, upto_seq: int) -> list[tuple[int, str]]:
+    """(seq, message frame) of the room's messages with after_seq < seq <= upto_seq."""
+    metrics.GAP_FILLS.inc()
+    messages = await database_sync_to_async(services.messages_between)(slug, after_seq, upto_seq)
+    return [(message["seq"], services.message_frame(message)) for message in messages]
 
 
 async def _guarded(call: Awaitable[Any], what: str) -> Any:

@@ -203,3 +203,63 @@ async def test_concurrent_broadcasts_share_a_round_trip_and_all_arrive_in_order(
     await hub.close()
     await store.async_client().aclose()
     channel_layers.backends.clear()
+
+
+async def test_shared_reads_run_once_per_key_while_in_flight():
+    hub = broker.Hub(RestartingLayer())
+    release = asyncio.Event()
+    calls = []
+
+    async def read(value):
+        calls.append(value)
+        await release.wait()
+        return value
+
+    first = asyncio.create_task(hub.shared("k", lambda: read(1)))
+    second = asyncio.create_task(hub.shared("k", lambda: read(2)))
+    other = asyncio.create_task(hub.shared("other", lambda: read(3)))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(first, second, other) == [1, 1, 3]
+    assert calls == [1, 3]
+    # Done reads are not kept: the next caller reads afresh.
+    assert await hub.shared("k", lambda: read(4)) == 4
+    assert calls == [1, 3, 4]
+    await hub.close()
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_shared_read_for_the_others():
+    hub = broker.Hub(RestartingLayer())
+    release = asyncio.Event()
+
+    async def read():
+        await release.wait()
+        return "rows"
+
+    leader = asyncio.create_task(hub.shared("k", read))
+    follower = asyncio.create_task(hub.shared("k", read))
+    await asyncio.sleep(0)
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    release.set()
+    assert await follower == "rows"
+    await hub.close()
+
+
+async def test_a_failed_shared_read_fails_every_caller():
+    hub = broker.Hub(RestartingLayer())
+    release = asyncio.Event()
+
+    async def read():
+        await release.wait()
+        raise ConnectionError("database went away")
+
+    callers = [asyncio.create_task(hub.shared("k", read)) for _ in range(3)]
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert [type(r) for r in results] == [ConnectionError] * 3
+    assert not hub._shared  # nothing left behind for the next caller
+    await hub.close()

@@ -243,6 +243,31 @@ async def test_dropped_broadcasts_are_filled_from_the_database(connect, users, r
     await alice.assert_usable()
 
 
+async def test_sessions_missing_the_same_broadcasts_share_one_read(
+    connect, users, rooms, monkeypatch
+):
+    clients = [await connect(users[name]) for name in ("alice", "bob", "alice", "bob", "alice")]
+    for client in clients:
+        await client.join("lobby")
+    messages = await persist(3, users["bob"])
+    reads = []
+    real = services.messages_between
+
+    def counted(*args):
+        reads.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(services, "messages_between", counted)
+    last = messages[-1]
+    await broker.publish_message("lobby", last["seq"], services.message_frame(last))
+    for client in clients:
+        got = await client.messages(3)
+        assert [m["seq"] for m in got] == [1, 2, 3]
+        assert [m["payload"] for m in got] == [m["payload"] for m in messages]
+    assert reads == [("lobby", 0, 2)]  # one read for the five sessions, up to the seq they hold
+    await clients[0].assert_usable()
+
+
 async def test_reordered_and_duplicated_broadcasts_arrive_once_in_order(connect, users, rooms):
     alice = await connect(users["alice"])
     await alice.join("lobby")
