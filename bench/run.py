@@ -308,7 +308,7 @@ def main() -> int:
             kind, server = STACKS[name]
             settings = "bench.settings" if kind == "realtime" else "bench.baseline.settings"
             # Separate Redis databases, so the stacks never see each other's groups.
-            db = {"realtime": 0, "baseline": 1, "uvicorn": 2}[name]
+            db = list(STACKS).index(name)
             stack_env = server_env(database_url, f"{redis.url.rsplit('/', 1)[0]}/{db}", settings)
             stack = start_stack(name, kind, server, stack_env, workdir / "logs", per_server)
             exit_stack.callback(stop_stack, stack)

@@ -15,6 +15,7 @@ The memory backend does the same within one process (the development default).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -319,6 +320,12 @@ def _decode_users(raw: list[Any]) -> list[User]:
     return [json.loads(text) for text in map(_text, raw) if text]
 
 
+@functools.lru_cache(maxsize=4096)
+def _user_info(data: str) -> User:
+    # Shared between calls: callers copy it ({**info, ...}) and never change it.
+    return json.loads(data)  # type: ignore[no-any-return]
+
+
 def _users_from(counts: list[Any], info: list[Any]) -> list[User]:
     """The users of a room from its HGETALL replies (flat [field, value, ...] lists)."""
     names = {_text(uid): _text(data) for uid, data in zip(info[0::2], info[1::2], strict=True)}
@@ -326,7 +333,7 @@ def _users_from(counts: list[Any], info: list[Any]) -> list[User]:
     for uid, n in zip(counts[0::2], counts[1::2], strict=True):
         data = names.get(_text(uid))
         if data is not None:
-            users.append({**json.loads(data), "connections": int(n)})
+            users.append({**_user_info(data), "connections": int(n)})
     return sorted(users, key=lambda u: str(u["id"]))
 
 

@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from channels.db import database_sync_to_async
-
 from realtime import auth, broker, metrics, presence, ratelimit, services, writer
 from realtime.conf import conf
+from realtime.dbthread import on_db_thread
 from realtime.errors import (
     AlreadyJoined,
     Forbidden,
@@ -203,7 +202,7 @@ class Session:
         assert self.credentials is not None
         rooms = [slug for slug, state in self.rooms.items() if state.mode is not RoomMode.JOINING]
         try:
-            user, denials = await database_sync_to_async(_recheck)(self.credentials, rooms)
+            user, denials = await on_db_thread(_recheck)(self.credentials, rooms)
         except Exception:
             logger.warning("realtime: authorisation re-check failed; retrying", exc_info=True)
             self._schedule_recheck()
@@ -303,7 +302,7 @@ class Session:
         try:
             # Subscribe before reading the head, so no broadcast after the head is missed.
             await self.hub.subscribe(slug, self)
-            result = await database_sync_to_async(services.join)(
+            result = await on_db_thread(services.join)(
                 slug, self.user, frame.after_seq, frame.epoch
             )
         except BaseException as exc:
@@ -424,7 +423,7 @@ class Session:
         await self.emit(encode(with_ref({"type": ServerType.PONG}, frame.ref)))
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await _guarded(database_sync_to_async(fn)(*args), fn.__name__)
+        return await _guarded(on_db_thread(fn)(*args), fn.__name__)
 
     # -- broadcasts from the hub ---------------------------------------------------------
 
@@ -554,7 +553,7 @@ class Session:
 async def _missed_frames(slug: str, after_seq: int, upto_seq: int) -> list[tuple[int, str]]:
     """(seq, message frame) of the room's messages with after_seq < seq <= upto_seq."""
     metrics.GAP_FILLS.inc()
-    messages = await database_sync_to_async(services.messages_between)(slug, after_seq, upto_seq)
+    messages = await on_db_thread(services.messages_between)(slug, after_seq, upto_seq)
     return [(message["seq"], services.message_frame(message)) for message in messages]
 
 

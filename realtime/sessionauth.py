@@ -24,7 +24,6 @@ from importlib import import_module
 from typing import Any
 
 from channels.auth import AuthMiddleware, _get_user_session_key
-from channels.db import database_sync_to_async
 from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
 from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, get_user_model, load_backend
@@ -37,6 +36,7 @@ from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 
 from realtime import rawread
+from realtime.dbthread import on_db_thread
 
 
 class SessionAuthMiddleware(AuthMiddleware):  # type: ignore[misc]
@@ -55,7 +55,7 @@ class SessionAuthMiddleware(AuthMiddleware):  # type: ignore[misc]
         if "session" not in scope:  # an outer session middleware's session stands
             store = _session_store(settings.SESSION_ENGINE)
             scope["session"] = store(scope["cookies"].get(settings.SESSION_COOKIE_NAME))
-        scope["user"] = await database_sync_to_async(session_user)(scope["session"])
+        scope["user"] = await on_db_thread(session_user)(scope["session"])
         return await self.inner(scope, receive, send)
 
 

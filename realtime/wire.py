@@ -139,7 +139,9 @@ def defer_handshake_log() -> None:
     option whether or not debug logging is on. This swaps autobahn's module-level ``pformat``
     for one that, called from ``_connectionMade`` only, returns an object formatted when the
     log line is. Every other caller (and any autobahn whose method differs) gets ``pformat``.
+    It also turns off the colouring of autobahn's log highlights (``_plain_highlights``).
     """
+    _plain_highlights()
     try:
         from autobahn.websocket import protocol
     except ImportError:  # pragma: no cover - not under daphne
@@ -156,3 +158,19 @@ def defer_handshake_log() -> None:
         return pprint.pformat(obj, *args, **kwargs)
 
     protocol.pformat = pformat  # type: ignore[attr-defined,assignment]
+
+
+def _plain_highlights() -> None:
+    """autobahn's log highlights without click's colours (~3.5 µs less per debug call).
+
+    autobahn builds the arguments of its debug lines (``hltype(self.dataReceived)``,
+    ``hlval(self.peer)``, ...) on every read, write and handshake, logged or not, and colours
+    them with click when click is importable (Celery, uvicorn and many tools install it). Off,
+    the same text comes out uncoloured, which is what a log file or the journal wants anyway.
+    """
+    try:
+        from autobahn import util
+    except ImportError:  # pragma: no cover - not under daphne
+        return
+    if getattr(util, "_HAS_CLICK", None) is True:
+        util._HAS_CLICK = False

@@ -259,3 +259,16 @@ async def test_a_failed_publish_fails_its_batch_only(published, monkeypatch):
     assert [type(r) for r in results] == [ConnectionError, ConnectionError]
     assert await presence.announce("lobby", presence.Change(joins=[CAROL])) is not None
     assert sent == [("lobby", presence.diff_frame("lobby", presence.Change(joins=[CAROL])))]
+
+
+def test_users_decoded_from_redis_are_fresh_dicts_every_time():
+    counts = [b"1", b"2", b"2", b"1"]
+    info = [b"1", b'{"id": 1, "name": "alice"}', b"2", b'{"id": 2, "name": "bob"}']
+    first = presence._users_from(counts, info)
+    assert first == [
+        {"id": 1, "name": "alice", "connections": 2},
+        {"id": 2, "name": "bob", "connections": 1},
+    ]
+    first[0]["name"] = "changed"
+    first[0]["connections"] = 99
+    assert presence._users_from(counts, info)[0] == {"id": 1, "name": "alice", "connections": 2}

@@ -279,6 +279,10 @@ def test_redact_masks_tickets_in_urls_and_subprotocols():
         "offered realtime.v1, realtime.ticket.[redacted]"
     )
     assert auth.redact("nothing to hide") == "nothing to hide"
+    # Each marker alone is enough (the quick test before the expression must not skip them).
+    assert auth.redact("?ticket=a") == "?ticket=[redacted]"
+    assert auth.redact("realtime.ticket.a") == "realtime.ticket.[redacted]"
+    assert auth.redact("ticket") == "ticket"
 
 
 def test_daphne_access_log_and_logging_handlers_are_redacted():

@@ -41,3 +41,16 @@ def test_every_other_caller_still_gets_a_string():
     timings = protocol.Timings()
     timings.track("x")
     assert str(timings).startswith("{")
+
+
+def test_autobahn_highlights_come_out_as_plain_text(monkeypatch):
+    from autobahn import util
+    from autobahn.twisted.websocket import WebSocketServerProtocol
+
+    monkeypatch.setattr(util, "_HAS_CLICK", True)  # as when click is installed
+    wire.defer_handshake_log()
+    assert util._HAS_CLICK is False
+    assert util.hlval(42) == "42"
+    assert util.hltype(WebSocketServerProtocol.dataReceived) == (
+        "<autobahn.twisted.websocket.WebSocketAdapterProtocol.dataReceived>"
+    )
