@@ -5,5 +5,10 @@ from __future__ import annotations
 import sys
 
 from bench.run import main
+from tests.servers import ServerError
 
-sys.exit(main())
+try:
+    sys.exit(main())
+except ServerError as exc:  # a server, Redis, PostgreSQL or a checkout that would not start
+    print(f"bench: {exc}", file=sys.stderr)
+    sys.exit(1)

@@ -23,7 +23,15 @@ from typing import Any
 from bench import profile, report
 from bench.load import Generator
 from bench.scenarios import Config, Runner, room_name
-from bench.stacks import Stack, database, prepare, server_env, start_stack, stop_stack
+from bench.stacks import (
+    Stack,
+    checkout,
+    database,
+    prepare,
+    server_env,
+    start_stack,
+    stop_stack,
+)
 from tests import servers
 
 STACKS = {
@@ -32,6 +40,15 @@ STACKS = {
     "baseline": ("baseline", "daphne"),
     "uvicorn": ("realtime", "uvicorn"),
 }
+
+
+def stack_kind(name: str) -> tuple[str, str]:
+    """(kind, server) of a stack name: one of STACKS, or ``<one of STACKS>@<git ref>``."""
+    base = name.split("@", 1)[0]
+    if base not in STACKS:
+        known = ", ".join(STACKS)
+        raise SystemExit(f"bench: unknown stack {name!r}; known: {known}, or <stack>@<git ref>")
+    return STACKS[base]
 
 
 def _ints(name: str, default: str) -> list[int]:
@@ -292,6 +309,10 @@ def main() -> int:
     names = [
         n.strip() for n in os.environ.get("BENCH_STACKS", "realtime,baseline,uvicorn").split(",")
     ]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"bench: a stack is named twice in BENCH_STACKS: {names}")
+    for name in names:
+        stack_kind(name)
     per_server = int(_num("BENCH_SERVERS", 2))
     needed = len(names) * max([*cfg.fanout_sizes, cfg.idle_connections, cfg.rooms_clients]) + 500
     nofile = raise_nofile(needed)
@@ -305,12 +326,16 @@ def main() -> int:
         cookies = prepare(env, cfg.users, rooms_needed(cfg, names))
         stacks: list[Stack] = []
         for name in names:
-            kind, server = STACKS[name]
+            kind, server = stack_kind(name)
             settings = "bench.settings" if kind == "realtime" else "bench.baseline.settings"
             # Separate Redis databases, so the stacks never see each other's groups.
-            db = list(STACKS).index(name)
+            db = names.index(name)
             stack_env = server_env(database_url, f"{redis.url.rsplit('/', 1)[0]}/{db}", settings)
-            stack = start_stack(name, kind, server, stack_env, workdir / "logs", per_server)
+            # name@ref: the same stack, served from a checkout of that git ref (A/B runs).
+            code = None
+            if "@" in name:
+                code = exit_stack.enter_context(checkout(name.split("@", 1)[1], workdir))
+            stack = start_stack(name, kind, server, stack_env, workdir / "logs", per_server, code)
             exit_stack.callback(stop_stack, stack)
             stacks.append(stack)
         print(f"  servers up after {time.monotonic() - began:.0f} s")
@@ -332,7 +357,7 @@ def main() -> int:
         "meta": {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-            "stacks": {n: dict(zip(("kind", "server"), STACKS[n], strict=True)) for n in names},
+            "stacks": {n: dict(zip(("kind", "server"), stack_kind(n), strict=True)) for n in names},
             "processes_per_stack": per_server,
             "config": cfg.__dict__,
             "database": "postgresql" if "postgres" in database_url else database_url.split(":")[0],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from collections.abc import Callable
@@ -51,7 +52,10 @@ Record = Callable[[dict[str, Any]], None]
 def room_name(base: str, stack: Stack | str) -> str:
     """Each stack gets its own rooms: realtime stacks share the database, and a room's seq
     advanced by another stack would look like a gap (filled from the database) to this one."""
-    return f"bench-{base}-{stack if isinstance(stack, str) else stack.name}"
+    name = stack if isinstance(stack, str) else stack.name
+    if "@" in name:  # <stack>@<git ref>: a ref may hold anything a room slug may not
+        name = f"{name.split('@', 1)[0]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return f"bench-{base}-{name}"
 
 
 class Runner:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -94,9 +95,21 @@ def _argv(server: str, app: str, port: int) -> list[str]:
 
 
 def start_stack(
-    name: str, kind: str, server: str, env: dict[str, str], logdir: Path, count: int
+    name: str,
+    kind: str,
+    server: str,
+    env: dict[str, str],
+    logdir: Path,
+    count: int,
+    code: Path | None = None,
 ) -> Stack:
-    """``count`` server processes of one stack, each on its own free port; ready on return."""
+    """``count`` server processes of one stack, each on its own free port; ready on return.
+
+    ``code``: a checkout to serve the application from (its directory first on the path)
+    instead of this one; the interpreter and its packages stay this checkout's.
+    """
+    if code is not None:
+        env = dict(env, PYTHONPATH=str(code))
     app = "project.asgi:application" if kind == "realtime" else "bench.baseline.asgi:application"
     stack = Stack(name=name, kind=kind, server=server)
     logdir.mkdir(parents=True, exist_ok=True)
@@ -106,8 +119,8 @@ def start_stack(
             process = servers.start_process(
                 f"{name}-{i}:{port}",
                 _argv(server, app, port),
-                logdir / f"{name}-{i}-{port}.log",
-                cwd=servers.REPO_ROOT,
+                logdir / f"{name.replace('@', '-at-')}-{i}-{port}.log",
+                cwd=code or servers.REPO_ROOT,
                 env=env,
             )
             stack.servers.append(Server(process, port))
@@ -119,6 +132,33 @@ def start_stack(
         stop_stack(stack)
         raise
     return stack
+
+
+@contextlib.contextmanager
+def checkout(ref: str, parent: Path) -> Iterator[Path]:
+    """A detached ``git worktree`` of ``ref`` under ``parent``, removed afterwards."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="code-", dir=parent))
+    done = subprocess.run(
+        ["git", "worktree", "add", "--detach", "--force", str(path), ref],
+        cwd=servers.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ServerError(f"cannot check out {ref!r} to compare with: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(path)],
+            cwd=servers.REPO_ROOT,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
 
 
 def stop_stack(stack: Stack) -> None:

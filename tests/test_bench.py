@@ -105,3 +105,52 @@ def test_summary_table_and_targets_are_printed(report):
     assert "== targets" in report["stdout"]
     assert {"figure", "values", "target", "met"} <= set(report["summary"][0])
     assert report["meta"]["config"]["fanout_sizes"] == [6]
+
+
+def _bench(tmp_path, **overrides):
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env.update(TINY, BENCH_RESULTS=str(tmp_path), **overrides)
+    return subprocess.run(
+        [str(servers.VENV_BIN / "python"), "-m", "bench"],
+        cwd=servers.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def _worktrees():
+    listed = subprocess.run(
+        ["git", "worktree", "list", "--porcelain"],
+        cwd=servers.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {line.split(" ", 1)[1] for line in listed.splitlines() if line.startswith("worktree ")}
+
+
+def test_a_git_ref_runs_as_its_own_stack_beside_the_working_tree(tmp_path):
+    before = _worktrees()
+    done = _bench(tmp_path, BENCH_STACKS="realtime,realtime@HEAD", BENCH_SCENARIOS="idle")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    data = json.loads((tmp_path / "bench.json").read_text())
+    idle = {r["stack"]: r for r in data["rows"] if r["scenario"] == "idle"}
+    assert set(idle) == {"realtime", "realtime@HEAD"}
+    assert all(r["connections"] == 20 for r in idle.values())
+    assert data["meta"]["stacks"]["realtime@HEAD"] == {"kind": "realtime", "server": "daphne"}
+    logs = list((tmp_path / "work" / "logs").glob("realtime-at-HEAD-*.log"))
+    assert len(logs) == 2
+    assert _worktrees() == before  # the checkout is gone
+
+
+def test_unknown_stacks_and_refs_are_refused_with_a_clear_message(tmp_path):
+    done = _bench(tmp_path, BENCH_STACKS="realtime,tornado")
+    assert done.returncode != 0
+    assert "unknown stack 'tornado'" in done.stderr
+    done = _bench(tmp_path, BENCH_STACKS="realtime@no-such-ref-xyz", BENCH_SCENARIOS="idle")
+    assert done.returncode != 0
+    assert "cannot check out 'no-such-ref-xyz'" in done.stdout + done.stderr
