@@ -139,26 +139,24 @@ def checkout(ref: str, parent: Path) -> Iterator[Path]:
     """A detached ``git worktree`` of ``ref`` under ``parent``, removed afterwards."""
     parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix="code-", dir=parent))
-    done = subprocess.run(
-        ["git", "worktree", "add", "--detach", "--force", str(path), ref],
-        cwd=servers.REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", "worktree", *args],
+            cwd=servers.REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    done = git("add", "--detach", "--force", str(path), ref)
     if done.returncode != 0:
         raise ServerError(f"cannot check out {ref!r} to compare with: {done.stderr.strip()}")
     try:
         yield path
     finally:
-        subprocess.run(
-            ["git", "worktree", "remove", "--force", str(path)],
-            cwd=servers.REPO_ROOT,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
+        git("remove", "--force", str(path))
 
 
 def stop_stack(stack: Stack) -> None:

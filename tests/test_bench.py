@@ -50,13 +50,12 @@ STEP_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    results = tmp_path_factory.mktemp("bench")
+def _bench(results, **overrides):
+    """``python -m bench`` at the TINY sizes (plus ``overrides``), results in ``results``."""
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env.pop("DJANGO_SETTINGS_MODULE", None)
-    env.update(TINY, BENCH_RESULTS=str(results))
-    done = subprocess.run(
+    env.update(TINY, BENCH_RESULTS=str(results), **overrides)
+    return subprocess.run(
         [str(servers.VENV_BIN / "python"), "-m", "bench"],
         cwd=servers.REPO_ROOT,
         env=env,
@@ -65,6 +64,12 @@ def report(tmp_path_factory):
         timeout=240,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    results = tmp_path_factory.mktemp("bench")
+    done = _bench(results)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     data = json.loads((results / "bench.json").read_text())
     data["stdout"] = done.stdout
@@ -105,21 +110,6 @@ def test_summary_table_and_targets_are_printed(report):
     assert "== targets" in report["stdout"]
     assert {"figure", "values", "target", "met"} <= set(report["summary"][0])
     assert report["meta"]["config"]["fanout_sizes"] == [6]
-
-
-def _bench(tmp_path, **overrides):
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    env.update(TINY, BENCH_RESULTS=str(tmp_path), **overrides)
-    return subprocess.run(
-        [str(servers.VENV_BIN / "python"), "-m", "bench"],
-        cwd=servers.REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
 
 
 def _worktrees():
