@@ -133,6 +133,11 @@ SETTINGS: tuple[Setting, ...] = (
         1024 * 1024,
         "Bytes written but not yet taken by a client before it is closed as slow (4008).",
     ),
+    Setting(
+        "REALTIME_GC_FREEZE",
+        True,
+        "gc.freeze() the heap once the ASGI app is built: shorter full-collection pauses.",
+    ),
 )
 
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
@@ -163,6 +168,7 @@ class _Conf:
     REALTIME_SEND_BATCH_WAIT: float
     REALTIME_SSE_KEEPALIVE: float
     REALTIME_LONGPOLL_TIMEOUT: float
+    REALTIME_GC_FREEZE: bool
 
     def __getattr__(self, name: str) -> Any:
         # Only called for names not cached in the instance yet (see _forget).

@@ -7,7 +7,7 @@ from typing import Any
 from channels.routing import ProtocolTypeRouter, URLRouter
 from django.urls import path
 
-from realtime import wire
+from realtime import gcfreeze, wire
 from realtime.auth import ConnectionCaps, OriginCheck, TicketAuth, install_log_redaction
 from realtime.consumers import RealtimeConsumer
 from realtime.sessionauth import SessionAuthStack
@@ -35,7 +35,9 @@ def get_asgi_application(http_application: Any = None) -> ProtocolTypeRouter:
     """Wrap a project's HTTP ASGI app and add realtime's WebSocket routes.
 
     Call it in asgi.py after ``django.setup()`` (``django.core.asgi.get_asgi_application()``
-    does that), passing the project's existing HTTP application.
+    does that), passing the project's existing HTTP application. Once the application is
+    built, the heap so far is frozen out of full garbage collections (gcfreeze.py,
+    ``REALTIME_GC_FREEZE``).
     """
     if http_application is None:
         from django.core.asgi import get_asgi_application as django_asgi
@@ -43,4 +45,8 @@ def get_asgi_application(http_application: Any = None) -> ProtocolTypeRouter:
         http_application = django_asgi()
     # In-flight HTTP requests (SSE streams, long-polls) end cleanly when the process drains.
     http_application = drain_shield(http_application)
-    return ProtocolTypeRouter({"http": http_application, "websocket": websocket_application()})
+    application = ProtocolTypeRouter(
+        {"http": http_application, "websocket": websocket_application()}
+    )
+    gcfreeze.freeze_startup_heap()
+    return application
