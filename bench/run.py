@@ -185,10 +185,15 @@ def _ge(values: dict[str, Any], limit: float) -> bool | None:
 
 
 async def run_scenarios(
-    stacks: list[Stack], cookies: list[str], redis_pid: int, cfg: Config, results: Path
+    stacks: list[Stack],
+    cookies: list[str],
+    redis_pid: int,
+    cfg: Config,
+    results: Path,
+    database_url: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]], dict[str, Any], dict[str, Any]]:
     gen = Generator()
-    runner = Runner(gen, stacks, cookies, redis_pid, cfg)
+    runner = Runner(gen, stacks, cookies, redis_pid, cfg, database_url)
     rows: list[dict[str, Any]] = []
     saturation: dict[str, dict[str, int]] = {}
     profiles: dict[str, Any] = {}
@@ -346,7 +351,7 @@ def main() -> int:
             loop_factory = uvloop.new_event_loop
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             rows, saturation, profiles, problems = runner.run(
-                run_scenarios(stacks, cookies, redis.process.pid, cfg, results)
+                run_scenarios(stacks, cookies, redis.process.pid, cfg, results, database_url)
             )
         logs = {
             s.process.name: servers.tracebacks(s.process.log()) for st in stacks for s in st.servers

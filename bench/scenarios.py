@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bench.dbprobe import CommitProbe
 from bench.load import (
     REQUEST_TIMEOUT,
     Generator,
@@ -60,9 +61,16 @@ def room_name(base: str, stack: Stack | str) -> str:
 
 class Runner:
     def __init__(
-        self, gen: Generator, stacks: list[Stack], cookies: list[str], redis_pid: int, cfg: Config
+        self,
+        gen: Generator,
+        stacks: list[Stack],
+        cookies: list[str],
+        redis_pid: int,
+        cfg: Config,
+        database_url: str | None = None,
     ) -> None:
         self.gen = gen
+        self.database_url = database_url
         self.stacks = stacks
         self.cookies = cookies
         self.redis_pid = redis_pid
@@ -100,6 +108,8 @@ class Runner:
         if self.on_step is not None:
             self.on_step(stack)
         measure.start()
+        probe = CommitProbe(self.database_url)
+        probe.start()
         send_s = await run_schedule(gen, stack, events, duration)
         size = members(conns)
         expected = sum(step.sent[room] * size[room] for room in step.sent)
@@ -108,6 +118,7 @@ class Runner:
         counters = measure.stop()
         gen.step = None
         figures = summarise(step, counters, expected, max(send_s, duration))
+        figures.update(await probe.stop())
         await settle([stack])
         return figures
 
@@ -285,6 +296,8 @@ class Runner:
         if self.on_step is not None:
             self.on_step(stack)
         measure.start()
+        probe = CommitProbe(self.database_url)
+        probe.start()
         start = time.monotonic()
         end = start + duration
 
@@ -321,6 +334,7 @@ class Runner:
         counters = measure.stop()
         gen.step = None
         figures = summarise(step, counters, expected, send_s)
+        figures.update(await probe.stop())
         figures["acked_sends_per_s"] = round(step.acks / send_s, 1)
         figures["server_cpu_us_per_send"] = round(
             counters["server_cpu_s"] * 1e6 / max(1, step.acks), 1

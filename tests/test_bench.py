@@ -101,6 +101,13 @@ def test_nothing_lost_duplicated_or_reordered_at_a_trivial_rate(report):
         assert (row["lost"], row["duplicates"], row["out_of_order"], row["errors"]) == (0, 0, 0, 0)
 
 
+def test_steps_carry_the_databases_own_commit_latency(report):
+    # The probe commits on its own connection all through each step (bench/dbprobe.py).
+    for row in rows(report, "fanout-6") + rows(report, "rooms") + rows(report, "sends"):
+        assert 0 < row["db_commit_p99_ms"] <= row["db_commit_max_ms"], row
+    assert "db max ms" in report["stdout"]
+
+
 def test_sends_are_acked(report):
     (sends,) = rows(report, "sends")
     assert sends["acks"] > 0 and sends["acked_sends_per_s"] > 0
@@ -144,3 +151,11 @@ def test_unknown_stacks_and_refs_are_refused_with_a_clear_message(tmp_path):
     done = _bench(tmp_path, BENCH_STACKS="realtime@no-such-ref-xyz", BENCH_SCENARIOS="idle")
     assert done.returncode != 0
     assert "cannot check out 'no-such-ref-xyz'" in done.stdout + done.stderr
+
+
+async def test_commit_probe_measures_only_a_postgresql_database():
+    from bench.dbprobe import CommitProbe
+
+    probe = CommitProbe("sqlite:///db.sqlite3")
+    probe.start()
+    assert await probe.stop() == {"db_commit_p99_ms": None, "db_commit_max_ms": None}
