@@ -31,6 +31,7 @@ _NUMERIC: dict[str, tuple[type | tuple[type, ...], int]] = {
     "REALTIME_SSE_KEEPALIVE": ((int, float), 1),
     "REALTIME_LONGPOLL_TIMEOUT": ((int, float), 1),
     "REALTIME_SEND_BATCH_WAIT": ((int, float), 0),
+    "REALTIME_PRESENCE_DIFF_INTERVAL": ((int, float), 0),
 }
 
 CHECK_IDS = (

@@ -134,6 +134,11 @@ SETTINGS: tuple[Setting, ...] = (
         "Bytes written but not yet taken by a client before it is closed as slow (4008).",
     ),
     Setting(
+        "REALTIME_PRESENCE_DIFF_INTERVAL",
+        0.1,
+        "Least seconds between one room's presence diffs from one process; changes merge.",
+    ),
+    Setting(
         "REALTIME_GC_FREEZE",
         True,
         "gc.freeze() the heap once the ASGI app is built: shorter full-collection pauses.",
@@ -169,6 +174,7 @@ class _Conf:
     REALTIME_SSE_KEEPALIVE: float
     REALTIME_LONGPOLL_TIMEOUT: float
     REALTIME_GC_FREEZE: bool
+    REALTIME_PRESENCE_DIFF_INTERVAL: float
 
     def __getattr__(self, name: str) -> Any:
         # Only called for names not cached in the instance yet (see _forget).

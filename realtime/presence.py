@@ -165,50 +165,64 @@ def merge(changes: list[Change]) -> Change:
 
 
 class _Announcer:
-    """One event loop's presence diffs: per room, one publish in flight at a time.
+    """One event loop's presence diffs: per room, at most one diff per interval.
 
-    Changes that come while a room's diff is being published, or in the same loop turn as
-    the first, go out together as one diff (``merge``). A burst of joins (a reconnect storm, a
-    busy room) then costs a few diffs instead of one per join, each delivered to every member;
-    alone, a change is published in the next loop turn, as before.
+    The first change of a quiet room is published at once (in the next loop turn, merged with
+    any change of the same turn), and its caller waits for that publish. The room then holds
+    its diffs until that publish is done and ``REALTIME_PRESENCE_DIFF_INTERVAL`` seconds have
+    passed: changes meanwhile queue up and go out together as the next diff (``merge``), and
+    their callers do not wait for it. A lone change is published at once, as before; a burst
+    of joins (a reconnect storm, a busy room) costs each member about one diff per interval
+    instead of one per join.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queued: dict[str, list[tuple[Change, asyncio.Future[str | None]]]] = {}
+        self.queued: dict[str, list[tuple[Change, asyncio.Future[str | None] | None]]] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
-    def add(self, room: str, change: Change) -> asyncio.Future[str | None]:
+    def add(self, room: str, change: Change) -> asyncio.Future[str | None] | None:
+        """Queue ``change``: a future of its publish when it leads, else None (held)."""
+        if room in self.tasks:
+            self.queued.setdefault(room, []).append((change, None))
+            return None
         waiter: asyncio.Future[str | None] = self.loop.create_future()
-        self.queued.setdefault(room, []).append((change, waiter))
-        if room not in self.tasks:
-            self.tasks[room] = self.loop.create_task(self._publish(room))
+        self.queued[room] = [(change, waiter)]
+        self.tasks[room] = self.loop.create_task(self._publish(room))
         return waiter
 
     async def _publish(self, room: str) -> None:
         try:
             while batch := self.queued.pop(room, None):
+                waiters = [waiter for _, waiter in batch if waiter is not None]
                 frame = diff_frame(room, merge([change for change, _ in batch]))
                 try:
                     await broker.publish_ephemeral(room, frame)
                 except Exception as exc:
-                    for _, waiter in batch:
+                    for waiter in waiters:
                         if not waiter.done():
                             waiter.set_exception(exc)
+                    if not waiters:  # nobody waits to log it
+                        logger.warning(
+                            "realtime: presence diff of %s not published", room, exc_info=True
+                        )
                     continue
                 except BaseException:
-                    for _, waiter in batch:
+                    for waiter in waiters:
                         waiter.cancel()
                     raise
                 # The frame sent for one change only (a joiner skips its own diff by it).
                 sent = frame if len(batch) == 1 else None
-                for _, waiter in batch:
+                for waiter in waiters:
                     if not waiter.done():
                         waiter.set_result(sent)
+                if conf.REALTIME_PRESENCE_DIFF_INTERVAL > 0:
+                    await asyncio.sleep(conf.REALTIME_PRESENCE_DIFF_INTERVAL)
         finally:
             del self.tasks[room]
-            for _, waiter in self.queued.pop(room, ()):  # cancelled mid-publish
-                waiter.cancel()
+            for _, held in self.queued.pop(room, ()):  # cancelled (the loop is closing)
+                if held is not None:
+                    held.cancel()
 
 
 _announcers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Announcer] = (
@@ -219,15 +233,16 @@ _announcers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Announcer] = 
 async def announce(room: str, change: Change) -> str | None:
     """Broadcast a presence change to the room, if there is one.
 
-    Returns the frame sent when it carried this change alone (None when merged with others,
-    see ``_Announcer``, or when there was nothing to send)."""
+    Returns the frame sent when it carried this change alone (None when merged with others
+    or held for the room's next diff, see ``_Announcer``, or when there was nothing to send)."""
     if not (change.joins or change.leaves):
         return None
     loop = asyncio.get_running_loop()
     announcer = _announcers.get(loop)
     if announcer is None:
         announcer = _announcers[loop] = _Announcer(loop)
-    return await announcer.add(room, change)
+    waiter = announcer.add(room, change)
+    return None if waiter is None else await waiter
 
 
 # Lua: KEYS = exp (zset conn->expiry), conn (hash conn->uid), cnt (hash uid->n), info (hash

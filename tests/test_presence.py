@@ -226,16 +226,61 @@ async def test_changes_of_one_turn_and_during_a_publish_are_merged(published):
     gate.set()
     assert await asyncio.wait_for(asyncio.gather(*first, *later, other_room), 5) == [
         None,  # merged: not any one joiner's own diff
-        None,
+        None,  # held for the next diff: its caller does not wait for it
         None,
         None,
         presence.diff_frame("news", presence.Change(joins=[ALICE])),
     ]
+    await wait_for_publishes(sent, 3)  # after the room's interval
     assert sent[2] == (
         "lobby",
         presence.diff_frame("lobby", presence.Change(joins=[CAROL], leaves=[ALICE])),
     )
+    await asyncio.sleep(0.3)  # a bounded look for an extra publish (nothing is left queued)
     assert len(sent) == 3
+
+
+async def wait_for_publishes(sent, count, seconds=5.0):
+    deadline = asyncio.get_running_loop().time() + seconds
+    while len(sent) < count:
+        assert asyncio.get_running_loop().time() < deadline, sent
+        await asyncio.sleep(0.005)
+
+
+def announcer_task(room):
+    return presence._announcers[asyncio.get_running_loop()].tasks.get(room)
+
+
+async def test_a_room_holds_its_next_diff_for_the_interval(published, settings):
+    sent, _ = published
+    settings.REALTIME_PRESENCE_DIFF_INTERVAL = 60  # longer than this test
+    first = await presence.announce("lobby", presence.Change(joins=[ALICE]))
+    assert first == sent[0][1]  # a quiet room's change goes out at once
+    # Within the interval: queued, not published, and the caller is not kept waiting.
+    assert (
+        await asyncio.wait_for(presence.announce("lobby", presence.Change(joins=[BOB])), 1) is None
+    )
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(sent) == 1
+    # Other rooms are not held by lobby's interval.
+    assert await presence.announce("news", presence.Change(joins=[BOB])) is not None
+    assert len(sent) == 2
+    for room in ("lobby", "news"):
+        announcer_task(room).cancel()
+    await asyncio.sleep(0)
+    assert announcer_task("lobby") is None and announcer_task("news") is None
+
+
+async def test_with_no_interval_the_next_diff_follows_its_publish(published, settings):
+    sent, _ = published
+    settings.REALTIME_PRESENCE_DIFF_INTERVAL = 0
+    assert await presence.announce("lobby", presence.Change(joins=[ALICE])) is not None
+    assert await presence.announce("lobby", presence.Change(joins=[BOB])) is not None
+    assert [frame for _, frame in sent] == [
+        presence.diff_frame("lobby", presence.Change(joins=[ALICE])),
+        presence.diff_frame("lobby", presence.Change(joins=[BOB])),
+    ]
 
 
 async def test_a_failed_publish_fails_its_batch_only(published, monkeypatch):
@@ -256,7 +301,8 @@ async def test_a_failed_publish_fails_its_batch_only(published, monkeypatch):
         for user in (ALICE, BOB)
     ]
     results = await asyncio.gather(*failing, return_exceptions=True)
-    assert [type(r) for r in results] == [ConnectionError, ConnectionError]
+    # The leading change's caller gets the error; bob's change rode along and nobody waited.
+    assert [type(r) for r in results] == [ConnectionError, type(None)]
     assert await presence.announce("lobby", presence.Change(joins=[CAROL])) is not None
     assert sent == [("lobby", presence.diff_frame("lobby", presence.Change(joins=[CAROL])))]
 
@@ -272,3 +318,24 @@ def test_users_decoded_from_redis_are_fresh_dicts_every_time():
     first[0]["name"] = "changed"
     first[0]["connections"] = 99
     assert presence._users_from(counts, info)[0] == {"id": 1, "name": "alice", "connections": 2}
+
+
+async def test_a_held_diff_that_fails_is_logged(published, monkeypatch, settings, caplog):
+    sent, _ = published
+    settings.REALTIME_PRESENCE_DIFF_INTERVAL = 0.01
+    real = presence.broker.publish_ephemeral
+
+    async def second_fails(room, frame, exclude_user=None):
+        if sent:
+            raise ConnectionError("redis is down")
+        await real(room, frame)
+
+    monkeypatch.setattr(presence.broker, "publish_ephemeral", second_fails)
+    assert await presence.announce("lobby", presence.Change(joins=[ALICE])) is not None
+    assert await presence.announce("lobby", presence.Change(joins=[BOB])) is None  # held
+    deadline = asyncio.get_running_loop().time() + 5
+    while announcer_task("lobby") is not None:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.005)
+    assert "presence diff of lobby not published" in caplog.text
+    assert len(sent) == 1
