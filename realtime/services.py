@@ -6,6 +6,7 @@ Everything here is synchronous ORM code; async callers wrap it in database_sync_
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,51 +145,117 @@ class JoinResult:
 _ROOM = rawread.Columns(Room, "r")
 _MEMBERSHIP = rawread.Columns(Membership, "m", ["id", "role", "banned", "created_at"])
 _MEMBER_USER: Any = Membership._meta.get_field("user")
-_JOIN_SQL: dict[str, str] = {}  # per database alias
+_JOIN_SQL: dict[tuple[str, int, int], str] = {}  # per database alias and IN list sizes
 
 
-def _join_sql(db: Any) -> str:
-    sql = _JOIN_SQL.get(db.alias)
+def _join_sql(db: Any, slugs: int, users: int) -> str:
+    """Rooms by slug, each LEFT JOINed to the memberships of the given users: one row per
+    (room, member among the users), or one with NULLs when none of them is a member."""
+    key = (db.alias, slugs, users)
+    sql = _JOIN_SQL.get(key)
     if sql is None:
-        sql = _JOIN_SQL[db.alias] = (
-            f"SELECT {_ROOM.select(db)}, {_MEMBERSHIP.select(db)}"
+        sql = _JOIN_SQL[key] = (
+            f"SELECT {_ROOM.select(db)}, {_MEMBERSHIP.column(db, 'user')}, {_MEMBERSHIP.select(db)}"
             f" FROM {_ROOM.table(db)} LEFT OUTER JOIN {_MEMBERSHIP.table(db)}"
             f" ON ({_MEMBERSHIP.column(db, 'room')} = {_ROOM.column(db, 'id')}"
-            f" AND {_MEMBERSHIP.column(db, 'user')} = %s)"
-            f" WHERE {_ROOM.column(db, 'slug')} = %s"
+            f" AND {_MEMBERSHIP.column(db, 'user')} IN ({', '.join(['%s'] * users)}))"
+            f" WHERE {_ROOM.column(db, 'slug')} IN ({', '.join(['%s'] * slugs)})"
         )
     return sql
 
 
-def _room_and_membership(slug: str, user: Any) -> tuple[Room, Membership | None]:
-    """The room and what authorize() would look up for ``user``, in one query.
+def _rooms_and_memberships(
+    pairs: Sequence[tuple[str, Any]],
+) -> list[tuple[Room, Membership | None] | RoomNotFound]:
+    """For each (slug, user): the room and what authorize() would look up for the user (or
+    RoomNotFound), all in one query.
 
     Fixed SQL (rawread.py): the ORM spent most of this per-join read building the query."""
-    lookup = user is not None and user.is_authenticated and not user.is_superuser
     db = connections[router.db_for_read(Room)]
+    # Adapted as a queryset adapts it (a UUID primary key is text on SQLite, say); None for
+    # users never looked up (anonymous, superusers).
+    wanted = [
+        _MEMBER_USER.get_db_prep_value(user.pk, db)
+        if user is not None and user.is_authenticated and not user.is_superuser
+        else None
+        for _, user in pairs
+    ]
+    slugs = list(dict.fromkeys(slug for slug, _ in pairs))
+    user_ids = list(dict.fromkeys(uid for uid in wanted if uid is not None)) or [None]
     with db.cursor() as cursor:
-        # Adapted as a queryset adapts it (a UUID primary key is text on SQLite, say).
-        user_id = _MEMBER_USER.get_db_prep_value(user.pk, db) if lookup else None
-        cursor.execute(_join_sql(db), [user_id, slug])
-        row = cursor.fetchone()
-    if row is None:
-        raise RoomNotFound(f"room {slug!r} does not exist")
+        cursor.execute(_join_sql(db, len(slugs), len(user_ids)), [*user_ids, *slugs])
+        rows = cursor.fetchall()
     split = len(_ROOM.fields)
-    room = _ROOM.instance(db, row[:split])
-    if not lookup or row[split] is None:
-        return room, None
-    mid, role, banned, created_at = _MEMBERSHIP.convert(db, row[split:])
-    membership = Membership(
-        id=mid, room=room, user=user, role=role, banned=banned, created_at=created_at
-    )
-    membership._state.adding = False  # a row read from the database, as a query makes it
-    membership._state.db = db.alias
-    return room, membership
+    rooms: dict[str, Room] = {}
+    members: dict[tuple[str, Any], list[Any]] = {}
+    for row in rows:
+        room = _ROOM.instance(db, row[:split])
+        room = rooms.setdefault(room.slug, room)
+        if row[split] is not None:
+            members[(room.slug, row[split])] = _MEMBERSHIP.convert(db, row[split + 1 :])
+    out: list[tuple[Room, Membership | None] | RoomNotFound] = []
+    for (slug, user), uid in zip(pairs, wanted, strict=True):
+        found = rooms.get(slug)
+        if found is None:
+            out.append(RoomNotFound(f"room {slug!r} does not exist"))
+            continue
+        values = members.get((slug, uid)) if uid is not None else None
+        if values is None:
+            out.append((found, None))
+            continue
+        mid, role, banned, created_at = values
+        membership = Membership(
+            id=mid, room=found, user=user, role=role, banned=banned, created_at=created_at
+        )
+        membership._state.adding = False  # a row read from the database, as a query makes it
+        membership._state.db = db.alias
+        out.append((found, membership))
+    return out
+
+
+def _room_and_membership(slug: str, user: Any) -> tuple[Room, Membership | None]:
+    """The room and what authorize() would look up for ``user``, in one query."""
+    (found,) = _rooms_and_memberships([(slug, user)])
+    if isinstance(found, RoomNotFound):
+        raise found
+    return found
+
+
+JoinRequest = tuple[str, Any, int | None, int | None]  # slug, user, after_seq, epoch
 
 
 def join(slug: str, user: Any, after_seq: int | None, epoch: int | None) -> JoinResult:
     """Authorise a join and collect the replay a reconnecting client missed."""
-    room, membership = _room_and_membership(slug, user)
+    (result,) = join_many([(slug, user, after_seq, epoch)])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def join_many(requests: Sequence[JoinRequest]) -> list[JoinResult | Exception]:
+    """``join`` of each request, in order, with one query for all their rooms and memberships
+    (session.py batches the joins that wait together). A refusal or failure of one request
+    is returned in its place; a failure of the shared query is raised."""
+    found = _rooms_and_memberships([(slug, user) for slug, user, _, _ in requests])
+    results: list[JoinResult | Exception] = []
+    for (slug, user, after_seq, epoch), item in zip(requests, found, strict=True):
+        try:
+            if isinstance(item, Exception):
+                raise item
+            results.append(_join(slug, user, after_seq, epoch, *item))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _join(
+    slug: str,
+    user: Any,
+    after_seq: int | None,
+    epoch: int | None,
+    room: Room,
+    membership: Membership | None,
+) -> JoinResult:
     authorize(room, user, send=False, membership=membership)
     head = room.head_seq
     result = JoinResult(

@@ -22,7 +22,7 @@ from typing import Any
 
 from realtime import auth, broker, metrics, presence, ratelimit, services, writer
 from realtime.conf import conf
-from realtime.dbthread import on_db_thread
+from realtime.dbthread import Batched, on_db_thread
 from realtime.errors import (
     AlreadyJoined,
     Forbidden,
@@ -48,6 +48,11 @@ from realtime.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Joins waiting for their room read at the same time share one thread hop and one query.
+_joins: Batched[services.JoinRequest, services.JoinResult] = Batched(
+    lambda requests: services.join_many(requests)
+)
 
 Emit = Callable[[str], Awaitable[None]]
 Close = Callable[[int], Awaitable[None]]
@@ -302,9 +307,7 @@ class Session:
         try:
             # Subscribe before reading the head, so no broadcast after the head is missed.
             await self.hub.subscribe(slug, self)
-            result = await on_db_thread(services.join)(
-                slug, self.user, frame.after_seq, frame.epoch
-            )
+            result = await _joins((slug, self.user, frame.after_seq, frame.epoch))
         except BaseException as exc:
             if self.rooms.get(slug) is state:
                 del self.rooms[slug]

@@ -13,6 +13,11 @@ are read with fixed SQL (rawread.py) instead of a queryset built per connection:
 less CPU per handshake, which is most of what session auth costs. Any other engine, backend or
 manager goes through Django's own code, as with channels.
 
+Handshakes that wait for their user at the same time share one thread hop: the look-ups of
+one event loop are batched (``dbthread.Batched``), each batch reading its database sessions
+in one query and their users in another. A lone handshake goes at once, as before; under a burst
+(a reconnect storm) the hop and the queries are paid once per batch, not once per handshake.
+
 HTTP scopes go through channels' stack unchanged (it saves sessions on HTTP responses; a
 WebSocket handshake never does).
 """
@@ -20,6 +25,7 @@ WebSocket handshake never does).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from importlib import import_module
 from typing import Any
 
@@ -36,7 +42,7 @@ from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 
 from realtime import rawread
-from realtime.dbthread import on_db_thread
+from realtime.dbthread import Batched
 
 
 class SessionAuthMiddleware(AuthMiddleware):  # type: ignore[misc]
@@ -55,8 +61,12 @@ class SessionAuthMiddleware(AuthMiddleware):  # type: ignore[misc]
         if "session" not in scope:  # an outer session middleware's session stands
             store = _session_store(settings.SESSION_ENGINE)
             scope["session"] = store(scope["cookies"].get(settings.SESSION_COOKIE_NAME))
-        scope["user"] = await on_db_thread(session_user)(scope["session"])
+        scope["user"] = await _users(scope["session"])
         return await self.inner(scope, receive, send)
+
+
+# Handshakes waiting for their user at the same time share one thread hop (dbthread.Batched).
+_users: Batched[Any, Any] = Batched(lambda sessions: session_users(sessions))
 
 
 def _cookies(scope: dict[str, Any]) -> dict[str, str]:
@@ -74,25 +84,65 @@ def _session_store(engine: str) -> Any:
 
 def session_user(session: Any) -> Any:
     """The session's user, or AnonymousUser: channels.auth.get_user's rules (sync in a thread)."""
-    _load_session(session)
-    user = None
+    (user,) = session_users([session])
+    if isinstance(user, Exception):
+        raise user
+    return user
+
+
+def session_users(sessions: Sequence[Any]) -> list[Any]:
+    """``session_user`` of each session, in order, in two queries for the fixed-SQL kinds.
+
+    An error of one session's own look-up (a malformed user id, a custom backend's failure) is
+    returned in its place, as an exception instance; an error of a shared query is raised.
+    """
+    _load_sessions(sessions)
+    wanted: list[tuple[Any, Any] | Exception | None] = []
+    for session in sessions:
+        try:
+            wanted.append(_wanted_user(session))
+        except Exception as exc:
+            wanted.append(exc)
+    fetched = _fetch_users([w for w in wanted if isinstance(w, tuple)])
+    users: list[Any] = []
+    for session, want in zip(sessions, wanted, strict=True):
+        if not isinstance(want, tuple):
+            users.append(want if isinstance(want, Exception) else AnonymousUser())
+            continue
+        try:
+            user = fetched.get(want)
+            if isinstance(user, Exception):
+                raise user
+            if isinstance(user, _Row):
+                user = user.user()
+            users.append(_verified(session, user))
+        except Exception as exc:
+            users.append(exc)
+    return users
+
+
+def _wanted_user(session: Any) -> tuple[Any, Any] | None:
+    """(backend path, user id) the session is logged in as, if its backend is still enabled."""
     try:
         user_id = _get_user_session_key(session)
         backend_path = session[BACKEND_SESSION_KEY]
     except KeyError:
-        pass
-    else:
-        if backend_path in settings.AUTHENTICATION_BACKENDS:
-            backend = load_backend(backend_path)
-            user = _backend_user(backend, user_id)
-            if hasattr(user, "get_session_auth_hash"):
-                session_hash = session.get(HASH_SESSION_KEY)
-                verified = session_hash and constant_time_compare(
-                    session_hash, user.get_session_auth_hash()
-                )
-                if not verified:
-                    session.flush()
-                    user = None
+        return None
+    if backend_path not in settings.AUTHENTICATION_BACKENDS:
+        return None
+    return backend_path, user_id
+
+
+def _verified(session: Any, user: Any) -> Any:
+    """``user`` if the session's auth hash matches it; else the session is flushed."""
+    if hasattr(user, "get_session_auth_hash"):
+        session_hash = session.get(HASH_SESSION_KEY)
+        verified = session_hash and constant_time_compare(
+            session_hash, user.get_session_auth_hash()
+        )
+        if not verified:
+            session.flush()
+            user = None
     return user or AnonymousUser()
 
 
@@ -107,78 +157,120 @@ def _plain(model: type[models.Model], manager: Any) -> bool:
     )
 
 
-def _load_session(session: Any) -> None:
-    """Read a database session with fixed SQL; any other session loads itself when read."""
-    if type(session) is not DatabaseSessionStore or hasattr(session, "_session_cache"):
-        return
-    store: Any = session  # _session_cache and _session_key are SessionBase's own attributes
-    model = store.model
-    if not _plain(model, model.objects):
-        return
-    key = store.session_key
-    if key is None:
-        return  # no valid key: the session is empty without a read
-    db = connections[router.db_for_read(model)]
-    meta = model._meta
-    key_field: Any = meta.get_field("session_key")
-    expire_field: Any = meta.get_field("expire_date")
-    sql = _session_sql(model, db.alias)
-    params = [
-        key_field.get_db_prep_value(key, db, prepared=False),
-        expire_field.get_db_prep_value(timezone.now(), db, prepared=False),
-    ]
-    with db.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    if row is None:
-        # As SessionStore.load(): a missing or expired session is an empty, new one.
-        store._session_key = None
-        store._session_cache = {}
-    else:
-        store._session_cache = store.decode(row[0])
+def _load_sessions(sessions: Sequence[Any]) -> None:
+    """Read database sessions with fixed SQL, one query per database; any other session
+    loads itself when read."""
+    by_db: dict[str, list[Any]] = {}
+    for session in sessions:
+        if type(session) is not DatabaseSessionStore or hasattr(session, "_session_cache"):
+            continue
+        model = session.model
+        if not _plain(model, model.objects):
+            continue
+        if session.session_key is None:
+            continue  # no valid key: the session is empty without a read
+        by_db.setdefault(router.db_for_read(model), []).append(session)
+    for alias, group in by_db.items():
+        db = connections[alias]
+        model = group[0].model
+        meta = model._meta
+        key_field: Any = meta.get_field("session_key")
+        expire_field: Any = meta.get_field("expire_date")
+        keys = sorted({s.session_key for s in group})
+        params = [key_field.get_db_prep_value(k, db, prepared=False) for k in keys]
+        params.append(expire_field.get_db_prep_value(timezone.now(), db, prepared=False))
+        with db.cursor() as cursor:
+            cursor.execute(_session_sql(model, alias, len(keys)), params)
+            found = dict(cursor.fetchall())
+        for session in group:
+            store: Any = session  # _session_cache and _session_key are SessionBase's own
+            data = found.get(session.session_key)
+            if data is None:
+                # As SessionStore.load(): a missing or expired session is an empty, new one.
+                store._session_key = None
+                store._session_cache = {}
+            else:
+                store._session_cache = store.decode(data)
 
 
 # The fixed SQL is written once per model and database (functools.cache), not per handshake.
 
 
+def _in(count: int) -> str:
+    return f"IN ({', '.join(['%s'] * count)})"
+
+
 @functools.cache
-def _session_sql(model: type[models.Model], alias: str) -> str:
-    db, columns = connections[alias], rawread.Columns(model, "s", ["session_data"])
+def _session_sql(model: type[models.Model], alias: str, count: int) -> str:
+    db, columns = connections[alias], rawread.Columns(model, "s", ["session_key", "session_data"])
     return (
         f"SELECT {columns.select(db)} FROM {columns.table(db)}"
-        f" WHERE {columns.column(db, 'session_key')} = %s"
+        f" WHERE {columns.column(db, 'session_key')} {_in(count)}"
         f" AND {columns.column(db, 'expire_date')} > %s"
     )
 
 
 @functools.cache
-def _user_read(model: type[models.Model], alias: str) -> tuple[rawread.Columns[Any], str]:
+def _user_read(
+    model: type[models.Model], alias: str, count: int
+) -> tuple[rawread.Columns[Any], str]:
     db, columns = connections[alias], rawread.Columns(model, "u")
     pk: Any = model._meta.pk
     sql = (
         f"SELECT {columns.select(db)} FROM {columns.table(db)}"
-        f" WHERE {columns.column(db, pk.name)} = %s"
+        f" WHERE {columns.column(db, pk.name)} {_in(count)}"
     )
     return columns, sql
 
 
-def _backend_user(backend: Any, user_id: Any) -> Any:
-    """``backend.get_user(user_id)``; ModelBackend's read is made with fixed SQL."""
+def _fetch_users(wanted: list[tuple[Any, Any]]) -> dict[tuple[Any, Any], Any]:
+    """``backend.get_user(user_id)`` for each wanted (backend path, user id): the user or
+    None, or the exception of that one look-up. ModelBackend's reads are one fixed-SQL query."""
     user_model = get_user_model()
-    if type(backend).get_user is not ModelBackend.get_user or not _plain(
-        user_model, user_model._default_manager
-    ):
-        return backend.get_user(user_id)
-    db = connections[router.db_for_read(user_model)]
-    columns, sql = _user_read(user_model, db.alias)
+    plain_model = _plain(user_model, user_model._default_manager)
+    out: dict[tuple[Any, Any], Any] = {}
+    fixed: dict[Any, list[tuple[Any, Any]]] = {}  # prepared pk -> its (path, id) wants
     pk: Any = user_model._meta.pk
+    db = connections[router.db_for_read(user_model)]
+    for want in dict.fromkeys(wanted):  # each distinct want once, in order
+        backend_path, user_id = want
+        try:
+            backend = load_backend(backend_path)
+            if type(backend).get_user is not ModelBackend.get_user or not plain_model:
+                out[want] = backend.get_user(user_id)
+                continue
+            key = pk.get_db_prep_value(user_id, db, prepared=False)
+        except Exception as exc:
+            out[want] = exc
+            continue
+        fixed.setdefault(key, []).append(want)
+    if not fixed:
+        return out
+    keys = list(fixed)
+    columns, sql = _user_read(user_model, db.alias, len(keys))
     with db.cursor() as cursor:
-        cursor.execute(sql, [pk.get_db_prep_value(user_id, db, prepared=False)])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    user = columns.instance(db, row)
-    return user if backend.user_can_authenticate(user) else None
+        cursor.execute(sql, keys)
+        rows = cursor.fetchall()
+    pk_index = columns.attnames.index(pk.attname)
+    by_key = {pk.get_db_prep_value(row[pk_index], db, prepared=False): row for row in rows}
+    for key, wants in fixed.items():
+        row = by_key.get(key)
+        for want in wants:
+            out[want] = None if row is None else _Row(columns, db, row, want[0])
+    return out
+
+
+class _Row:
+    """A user row read for ModelBackend: each session that wants it gets an instance of its
+    own (as a queryset would give each), if the backend lets that user authenticate."""
+
+    def __init__(self, columns: rawread.Columns[Any], db: Any, row: Any, backend: str) -> None:
+        self.columns, self.db, self.row, self.backend = columns, db, row, backend
+
+    def user(self) -> Any:
+        user = self.columns.instance(self.db, self.row)
+        backend: Any = load_backend(self.backend)  # a ModelBackend (its get_user was used)
+        return user if backend.user_can_authenticate(user) else None
 
 
 def SessionAuthStack(inner: Any) -> SessionAuthMiddleware:

@@ -1,8 +1,12 @@
-"""dbthread.on_db_thread: database_sync_to_async made once per function."""
+"""dbthread: database_sync_to_async made once per function, and Batched calls."""
 
+import asyncio
 import threading
 
-from realtime.dbthread import on_db_thread
+import pytest
+
+from realtime import dbthread
+from realtime.dbthread import Batched, on_db_thread
 
 
 def where(value):
@@ -28,3 +32,65 @@ async def test_a_function_looked_up_at_call_time_can_be_replaced(monkeypatch):
     module = sys.modules[__name__]
     monkeypatch.setattr(module, "where", elsewhere)
     assert (await on_db_thread(module.where)(3))[0] == -3
+
+
+# -- Batched ---------------------------------------------------------------------------------
+
+batches = []
+
+
+def doubled(items):
+    batches.append((list(items), threading.current_thread().name))
+    return [ValueError(f"bad {i}") if i < 0 else i * 2 for i in items]
+
+
+@pytest.fixture
+def batched():
+    batches.clear()
+    return Batched(lambda items: doubled(items))
+
+
+async def test_calls_waiting_together_share_one_batch_off_the_loop(batched):
+    results = await asyncio.gather(*(batched(i) for i in range(5)))
+    assert results == [0, 2, 4, 6, 8]
+    assert [items for items, _ in batches] == [[0, 1, 2, 3, 4]]
+    assert batches[0][1] != threading.current_thread().name
+    assert await batched(7) == 14  # alone: a batch of its own, at once
+    assert [items for items, _ in batches][-1] == [7]
+
+
+async def test_calls_during_a_batch_go_in_the_next_and_big_bursts_are_split(batched, monkeypatch):
+    monkeypatch.setattr(dbthread, "MAX_BATCH", 3)
+    first = asyncio.ensure_future(batched(1))
+    await asyncio.sleep(0)  # the first batch has started: [1]
+    rest = [asyncio.ensure_future(batched(i)) for i in range(2, 9)]
+    assert await asyncio.gather(first, *rest) == [i * 2 for i in range(1, 9)]
+    assert [items for items, _ in batches] == [[1], [2, 3, 4], [5, 6, 7], [8]]
+
+
+async def test_an_item_error_fails_its_caller_only(batched):
+    results = await asyncio.gather(batched(1), batched(-1), batched(2), return_exceptions=True)
+    assert results[0] == 2 and results[2] == 4
+    assert isinstance(results[1], ValueError) and str(results[1]) == "bad -1"
+
+
+async def test_a_batch_error_fails_every_caller_and_the_next_batch_runs():
+    def broken(items):
+        raise ConnectionError("the database is down")
+
+    fails = Batched(lambda items: broken(items))
+    results = await asyncio.gather(fails(1), fails(2), return_exceptions=True)
+    assert [type(r) for r in results] == [ConnectionError, ConnectionError]
+    batches.clear()
+    works = Batched(lambda items: doubled(items))
+    assert await works(3) == 6
+
+
+async def test_a_cancelled_caller_does_not_disturb_the_others(batched):
+    gone = asyncio.ensure_future(batched(1))
+    stays = asyncio.ensure_future(batched(2))
+    await asyncio.sleep(0)
+    gone.cancel()
+    assert await stays == 4
+    with pytest.raises(asyncio.CancelledError):
+        await gone

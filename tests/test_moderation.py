@@ -224,14 +224,14 @@ async def test_a_retract_during_a_join_is_not_lost(connect, users, rooms, monkey
     ack = await alice.request(type="send", room="lobby", ref="s", payload={"text": "x"})
     await alice.messages(1)
     bob = await connect(users["bob"])
-    real_join = services.join
+    real_join = services.join_many
 
-    def join_then_retract(*args):
-        result = real_join(*args)
+    def join_then_retract(requests):
+        result = real_join(requests)
         moderation.retract([ack["id"]])  # lands while bob's join is being answered
         return result
 
-    monkeypatch.setattr(services, "join", join_then_retract)
+    monkeypatch.setattr(services, "join_many", join_then_retract)
     await bob.request(type="join", room="lobby", ref="j", after_seq=0)
     frames = [await bob.recv() for _ in range(2)]  # presence_state, the replayed message
     assert [f["type"] for f in frames] == ["presence_state", "message"]

@@ -402,3 +402,41 @@ def test_a_failing_batch_rolls_back_every_seq(rooms, users):
     # The connection is usable again (the failed transaction was rolled back).
     Message.objects.filter(seq=2).delete()
     assert send("lobby", users["alice"]).message["seq"] == 1
+
+
+def test_join_many_answers_each_request_as_join_does_in_one_query(
+    rooms, users, django_assert_num_queries
+):
+    news = rooms["news"]
+    Membership.objects.create(room=news, user=users["carol"], role=Membership.Role.MODERATOR)
+    Membership.objects.create(room=news, user=users["bob"], banned=True)
+    fill("lobby", users["alice"], 2)
+    requests = [
+        ("news", users["carol"], None, None),  # moderator: may send
+        ("news", users["alice"], None, None),  # not a member: reads only
+        ("news", users["bob"], None, None),  # banned
+        ("team", users["carol"], None, None),  # private, not a member
+        ("team", users["alice"], None, None),
+        ("lobby", users["bob"], 1, None),  # recovers seq 2
+        ("lobby", AnonymousUser(), None, None),
+        ("nowhere", users["carol"], None, None),
+        ("team", users["root"], None, None),  # superuser: no membership read
+    ]
+    alone = []
+    for request in requests:
+        try:
+            alone.append(services.join(*request))
+        except Exception as exc:
+            alone.append(exc)
+    with django_assert_num_queries(2):  # the shared read, and lobby's replay
+        together = services.join_many(requests)
+    assert [type(r) for r in together] == [type(r) for r in alone]
+    for ours, single in zip(together, alone, strict=True):
+        if isinstance(single, Exception):
+            assert str(ours) == str(single)
+        else:
+            assert ours == single
+    assert together[0].can_send and not together[1].can_send
+    assert isinstance(together[2], Forbidden) and "banned" in str(together[2])
+    assert isinstance(together[7], RoomNotFound)
+    assert [m["seq"] for m in together[5].messages] == [2]

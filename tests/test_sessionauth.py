@@ -1,5 +1,6 @@
 """SessionAuthMiddleware: channels' AuthMiddlewareStack's user, read with fixed SQL when it can."""
 
+import asyncio
 import datetime as dt
 
 import pytest
@@ -9,9 +10,11 @@ from django.contrib.auth.backends import ModelBackend
 from django.contrib.sessions.backends.cached_db import SessionStore as CachedDbStore
 from django.contrib.sessions.backends.db import SessionStore
 from django.contrib.sessions.models import Session
+from django.core.exceptions import ValidationError
 from django.utils import timezone
 
-from realtime.sessionauth import SessionAuthMiddleware, session_user
+from realtime import sessionauth
+from realtime.sessionauth import SessionAuthMiddleware, session_user, session_users
 
 pytestmark = pytest.mark.django_db
 
@@ -148,3 +151,92 @@ async def test_the_middleware_fills_cookies_session_and_user(users, settings):
     seen.clear()
     await middleware({"type": "websocket", "headers": []}, None, None)
     assert seen["cookies"] == {} and not seen["user"].is_authenticated
+
+
+def test_a_batch_gives_each_session_what_it_gets_alone_in_two_queries(
+    users, settings, django_assert_num_queries
+):
+    settings.AUTHENTICATION_BACKENDS = [MODEL, CUSTOM]
+    expired = login(users["bob"])
+    Session.objects.filter(pk=expired).update(expire_date=timezone.now() - dt.timedelta(seconds=1))
+    keys = [
+        login(users["alice"]),
+        login(users["alice"]),  # the same user twice: still an instance each
+        login(users["bob"]),
+        None,
+        "x" * 32,
+        expired,
+        login(users["carol"], hash_="stale"),  # flushed: a SELECT and a DELETE of its own
+        login(users["staff"], CUSTOM),  # its backend's own get_user: a query of its own
+    ]
+    alone = [session_user(SessionStore(k)) for k in keys[:-2]]
+    with django_assert_num_queries(2 + 1 + 2):
+        together = session_users([SessionStore(k) for k in keys])
+    assert [u.pk for u in together[:-2]] == [u.pk for u in alone]
+    assert [fields(u) for u in together[:3]] == [fields(u) for u in alone[:3]]
+    assert together[0] is not together[1] and together[0].pk == together[1].pk
+    assert [u.is_authenticated for u in together[3:]] == [False, False, False, False, True]
+    assert together[-1].first_name == "from-backend"
+    assert not Session.objects.filter(pk=keys[6]).exists()
+
+
+def test_one_sessions_bad_user_id_fails_that_session_only(users):
+    broken = SessionStore()
+    broken[SESSION_KEY] = "not-a-number"
+    broken[BACKEND_SESSION_KEY] = MODEL
+    broken.save()
+    fine = login(users["bob"])
+    with pytest.raises(ValidationError):
+        session_user(SessionStore(broken.session_key))  # as channels' get_user
+    got = session_users([SessionStore(broken.session_key), SessionStore(fine)])
+    assert isinstance(got[0], ValidationError)
+    assert got[1].pk == users["bob"].pk
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_concurrent_handshakes_share_one_lookup(users, settings, monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    keys = [await sync_to_async(login)(users[name]) for name in ("alice", "bob", "carol") * 3]
+    batches = []
+    real = sessionauth.session_users
+
+    def counted(sessions):
+        batches.append(len(sessions))
+        return real(sessions)
+
+    monkeypatch.setattr(sessionauth, "session_users", counted)
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["user"].username)
+
+    middleware = SessionAuthMiddleware(app)
+
+    def scope(key):
+        header = f"{settings.SESSION_COOKIE_NAME}={key}".encode()
+        return {"type": "websocket", "headers": [(b"cookie", header)]}
+
+    await asyncio.gather(*(middleware(scope(k), None, None) for k in keys))
+    assert batches == [len(keys)]  # one thread hop for all of them
+    assert sorted(seen) == sorted(["alice", "bob", "carol"] * 3)
+    # Alone, a handshake still goes at once in a batch of its own.
+    await middleware(scope(keys[0]), None, None)
+    assert batches == [len(keys), 1]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_failed_shared_read_fails_every_handshake_of_its_batch(settings, monkeypatch):
+    from django.db import OperationalError
+
+    def down(sessions):
+        raise OperationalError("the database is down")
+
+    monkeypatch.setattr(sessionauth, "_load_sessions", down)
+    middleware = SessionAuthMiddleware(lambda scope, receive, send: None)
+    header = f"{settings.SESSION_COOKIE_NAME}={'k' * 32}".encode()
+    scope = {"type": "websocket", "headers": [(b"cookie", header)]}
+    results = await asyncio.gather(
+        *(middleware(dict(scope), None, None) for _ in range(3)), return_exceptions=True
+    )
+    assert [type(r) for r in results] == [OperationalError] * 3
