@@ -8,12 +8,16 @@ every message sent meanwhile is that late: one such stall in a 10 s step is enou
 its p99. The probe commits a tiny transaction of its own every ``INTERVAL`` seconds on its
 own connection (``SELECT txid_current()``: an xid, so a commit record and a WAL flush, and no
 table), so the report can tell a database stall from a server one.
+
+It runs in a thread of its own with a blocking connection, not on the generator's event loop,
+whose own delays would otherwise count as the database's (at most a GIL switch interval,
+5 ms, can still be added to one sample).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import threading
 import time
 from typing import Any
 
@@ -28,32 +32,34 @@ class CommitProbe:
         self.url = database_url if database_url and database_url.startswith("postgres") else None
         self.latencies_ms: list[float] = []
         self.errors = 0
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         if self.url is not None:
-            self._task = asyncio.get_running_loop().create_task(self._run(self.url))
+            self._thread = threading.Thread(
+                target=self._run, args=(self.url,), name="commit-probe", daemon=True
+            )
+            self._thread.start()
 
     async def stop(self) -> dict[str, Any]:
         """``db_commit_p99_ms`` and ``db_commit_max_ms`` (None when nothing was probed)."""
-        if self._task is not None:
+        if self._thread is not None:
             self._stopping.set()
-            try:
-                await asyncio.wait_for(self._task, timeout=10.0)
-            except TimeoutError:
-                self.errors += 1  # wait_for has cancelled the stuck probe
+            await asyncio.to_thread(self._thread.join, 10.0)
+            if self._thread.is_alive():
+                self.errors += 1  # a commit stuck for 10 s: left to its daemon thread
         lat = sorted(self.latencies_ms)
         if not lat:
             return {"db_commit_p99_ms": None, "db_commit_max_ms": None}
         p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
         return {"db_commit_p99_ms": round(p99, 2), "db_commit_max_ms": round(lat[-1], 2)}
 
-    async def _run(self, url: str) -> None:
+    def _run(self, url: str) -> None:
         import psycopg
 
         try:
-            conn = await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=5)
+            conn = psycopg.connect(url, autocommit=True, connect_timeout=5)
         except psycopg.Error:
             self.errors += 1
             return
@@ -61,12 +67,11 @@ class CommitProbe:
             while not self._stopping.is_set():
                 began = time.perf_counter()
                 try:
-                    await conn.execute("SELECT txid_current()")
+                    conn.execute("SELECT txid_current()")
                 except psycopg.Error:
                     self.errors += 1
                     return
                 self.latencies_ms.append((time.perf_counter() - began) * 1000)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), INTERVAL)
+                self._stopping.wait(INTERVAL)
         finally:
-            await conn.close()
+            conn.close()

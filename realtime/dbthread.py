@@ -11,6 +11,7 @@ replaced module attribute (a test's monkeypatch) gets a wrapper of its own.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -62,24 +63,24 @@ class Batched(Generic[A, R]):
         loop = asyncio.get_running_loop()
         queue = self._loops.get(loop)
         if queue is None:
-            queue = self._loops[loop] = _Queue(loop, self.run)
-        return queue.add(item)
+            queue = self._loops[loop] = _Queue(self.run)
+        return queue.add(loop, item)
 
 
 class _Queue(Generic[A, R]):
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, run: Callable[[list[A]], list[R | Exception]]
-    ) -> None:
-        self.loop = loop
+    # No reference to its loop: the loop is the key of a weak dictionary holding this.
+    def __init__(self, run: Callable[[list[A]], list[R | Exception]]) -> None:
         self.run = run
         self.pending: list[tuple[A, asyncio.Future[R]]] = []
         self.task: asyncio.Task[None] | None = None
 
-    def add(self, item: A) -> asyncio.Future[R]:
-        waiter: asyncio.Future[R] = self.loop.create_future()
+    def add(self, loop: asyncio.AbstractEventLoop, item: A) -> asyncio.Future[R]:
+        waiter: asyncio.Future[R] = loop.create_future()
         self.pending.append((item, waiter))
         if self.task is None:
-            self.task = self.loop.create_task(self._drain())
+            # A context of its own: not the first caller's (a request's asgiref thread
+            # context, say), which the batches of other callers must not run in.
+            self.task = loop.create_task(self._drain(), context=contextvars.Context())
         return waiter
 
     async def _drain(self) -> None:
@@ -88,6 +89,10 @@ class _Queue(Generic[A, R]):
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
                 try:
                     results = await on_db_thread(self.run)([item for item, _ in batch])
+                    if len(results) != len(batch):
+                        raise RuntimeError(
+                            f"{self.run!r} answered {len(results)} of {len(batch)} items"
+                        )
                 except Exception as exc:  # the batch's shared work failed: every caller fails
                     for _, waiter in batch:
                         if not waiter.done():

@@ -15,6 +15,7 @@ The memory backend does the same within one process (the development default).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import json
 import logging
@@ -57,6 +58,8 @@ class Backend(Protocol):
     async def users(self, room: str) -> list[User]: ...
 
     async def counts(self, rooms: list[str]) -> dict[str, int]: ...
+
+    async def present(self, room: str, user_ids: list[str]) -> set[str]: ...
 
 
 def _clock() -> float:
@@ -135,6 +138,11 @@ class MemoryBackend:
     async def counts(self, rooms: list[str]) -> dict[str, int]:
         return {room: len(await self.users(room)) for room in rooms}
 
+    async def present(self, room: str, user_ids: list[str]) -> set[str]:
+        """Which of ``user_ids`` (str) have a connection in the room now."""
+        here = {uid for uid, _ in self.conns.get(room, {}).values()}
+        return here.intersection(user_ids)
+
 
 def diff_frame(room: str, change: Change) -> str:
     """Encode a ``presence_diff`` frame."""
@@ -170,34 +178,47 @@ class _Announcer:
     The first change of a quiet room is published at once (in the next loop turn, merged with
     any change of the same turn), and its caller waits for that publish. The room then holds
     its diffs until that publish is done and ``REALTIME_PRESENCE_DIFF_INTERVAL`` seconds have
-    passed: changes meanwhile queue up and go out together as the next diff (``merge``), and
-    their callers do not wait for it. A lone change is published at once, as before; a burst
-    of joins (a reconnect storm, a busy room) costs each member about one diff per interval
-    instead of one per join.
+    passed: changes meanwhile queue up and go out together as the next diff (``merge``). A
+    lone change is published at once, as before; a burst of joins (a reconnect storm, a busy
+    room) costs each member about one diff per interval instead of one per join.
+
+    A held diff is checked against the presence store just before it goes out, and a move
+    that is no longer true is dropped: a user whose leave was held here while they came back
+    through another process (which announced the join at once) must not be shown as gone.
+    Callers of held changes wait for the publish only if they ask to (a leave on close does:
+    a process that stops must not lose it); a joiner does not.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    # No reference to the loop: the loop is the key of a weak dictionary holding this.
+    def __init__(self) -> None:
         self.queued: dict[str, list[tuple[Change, asyncio.Future[str | None] | None]]] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
-    def add(self, room: str, change: Change) -> asyncio.Future[str | None] | None:
-        """Queue ``change``: a future of its publish when it leads, else None (held)."""
+    def add(self, room: str, change: Change, wait: bool) -> asyncio.Future[str | None] | None:
+        """Queue ``change``: a future of its publish when it leads or ``wait``, else None."""
+        loop = asyncio.get_running_loop()
         if room in self.tasks:
-            self.queued.setdefault(room, []).append((change, None))
-            return None
-        waiter: asyncio.Future[str | None] = self.loop.create_future()
+            held: asyncio.Future[str | None] | None = loop.create_future() if wait else None
+            self.queued.setdefault(room, []).append((change, held))
+            return held
+        waiter: asyncio.Future[str | None] = loop.create_future()
         self.queued[room] = [(change, waiter)]
-        self.tasks[room] = self.loop.create_task(self._publish(room))
+        self.tasks[room] = loop.create_task(self._publish(room), context=contextvars.Context())
         return waiter
 
     async def _publish(self, room: str) -> None:
+        held = False  # the first batch goes at once; the later ones were held
         try:
             while batch := self.queued.pop(room, None):
                 waiters = [waiter for _, waiter in batch if waiter is not None]
-                frame = diff_frame(room, merge([change for change, _ in batch]))
+                change = merge([change for change, _ in batch])
+                frame = None
                 try:
-                    await broker.publish_ephemeral(room, frame)
+                    if held:
+                        change = await _still_true(room, change)
+                    if change.joins or change.leaves:
+                        frame = diff_frame(room, change)
+                        await broker.publish_ephemeral(room, frame)
                 except Exception as exc:
                     for waiter in waiters:
                         if not waiter.done():
@@ -212,17 +233,28 @@ class _Announcer:
                         waiter.cancel()
                     raise
                 # The frame sent for one change only (a joiner skips its own diff by it).
-                sent = frame if len(batch) == 1 else None
+                sent = frame if len(batch) == 1 and not held else None
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_result(sent)
                 if conf.REALTIME_PRESENCE_DIFF_INTERVAL > 0:
                     await asyncio.sleep(conf.REALTIME_PRESENCE_DIFF_INTERVAL)
+                    held = True
         finally:
             del self.tasks[room]
-            for _, held in self.queued.pop(room, ()):  # cancelled (the loop is closing)
-                if held is not None:
-                    held.cancel()
+            for _, left in self.queued.pop(room, ()):  # cancelled (the loop is closing)
+                if left is not None:
+                    left.cancel()
+
+
+async def _still_true(room: str, change: Change) -> Change:
+    """The moves of ``change`` that the presence store still agrees with."""
+    ids = [str(user["id"]) for user in (*change.joins, *change.leaves)]
+    present = await get_backend().present(room, ids)
+    return Change(
+        joins=[u for u in change.joins if str(u["id"]) in present],
+        leaves=[u for u in change.leaves if str(u["id"]) not in present],
+    )
 
 
 _announcers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Announcer] = (
@@ -230,18 +262,19 @@ _announcers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Announcer] = 
 )
 
 
-async def announce(room: str, change: Change) -> str | None:
+async def announce(room: str, change: Change, wait: bool = False) -> str | None:
     """Broadcast a presence change to the room, if there is one.
 
     Returns the frame sent when it carried this change alone (None when merged with others
-    or held for the room's next diff, see ``_Announcer``, or when there was nothing to send)."""
+    or held for the room's next diff, see ``_Announcer``, or when there was nothing to send).
+    A held change returns at once unless ``wait``: then when its diff has been published."""
     if not (change.joins or change.leaves):
         return None
     loop = asyncio.get_running_loop()
     announcer = _announcers.get(loop)
     if announcer is None:
-        announcer = _announcers[loop] = _Announcer(loop)
-    waiter = announcer.add(room, change)
+        announcer = _announcers[loop] = _Announcer()
+    waiter = announcer.add(room, change, wait)
     return None if waiter is None else await waiter
 
 
@@ -414,6 +447,13 @@ class RedisBackend:
                 pipe.hlen(_keys(room)[2])
             results = await pipe.execute()
         return {room: int(n) for room, n in zip(rooms, results, strict=True)}
+
+    async def present(self, room: str, user_ids: list[str]) -> set[str]:
+        """Which of ``user_ids`` (str) have a connection in the room now."""
+        if not user_ids:
+            return set()
+        counts = await self.client.hmget(_keys(room)[2], user_ids)
+        return {uid for uid, n in zip(user_ids, counts, strict=True) if n and int(n) > 0}
 
 
 _memory = MemoryBackend()

@@ -192,7 +192,10 @@ def _rooms_and_memberships(
         room = _ROOM.instance(db, row[:split])
         room = rooms.setdefault(room.slug, room)
         if row[split] is not None:
-            members[(room.slug, row[split])] = _MEMBERSHIP.convert(db, row[split + 1 :])
+            # Prepared as the wanted ids were, so the two compare whatever the driver returns
+            # (a UUID may come back as text, say).
+            member = _MEMBER_USER.get_db_prep_value(row[split], db)
+            members[(room.slug, member)] = _MEMBERSHIP.convert(db, row[split + 1 :])
     out: list[tuple[Room, Membership | None] | RoomNotFound] = []
     for (slug, user), uid in zip(pairs, wanted, strict=True):
         found = rooms.get(slug)

@@ -264,8 +264,9 @@ class Session:
         await self.hub.unsubscribe(slug, self)
         if state is not None and state.present:
             try:
+                # Waits for a held diff too: a process that stops must not lose the leave.
                 await presence.announce(
-                    slug, await presence.get_backend().leave(slug, self.conn_id)
+                    slug, await presence.get_backend().leave(slug, self.conn_id), wait=True
                 )
             except Exception:
                 # The heartbeat TTL removes the entry anyway.

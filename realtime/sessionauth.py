@@ -113,7 +113,7 @@ def session_users(sessions: Sequence[Any]) -> list[Any]:
             user = fetched.get(want)
             if isinstance(user, Exception):
                 raise user
-            if isinstance(user, _Row):
+            if isinstance(user, _Row | _Call):
                 user = user.user()
             users.append(_verified(session, user))
         except Exception as exc:
@@ -224,11 +224,13 @@ def _user_read(
 
 
 def _fetch_users(wanted: list[tuple[Any, Any]]) -> dict[tuple[Any, Any], Any]:
-    """``backend.get_user(user_id)`` for each wanted (backend path, user id): the user or
-    None, or the exception of that one look-up. ModelBackend's reads are one fixed-SQL query."""
+    """What ``backend.get_user(user_id)`` gives for each wanted (backend path, user id): a
+    ``_Row`` of ModelBackend's one fixed-SQL query, a ``_Call`` of any other backend, None
+    when there is no such user, or the exception of that one look-up. Each session turns it
+    into a user object of its own."""
     user_model = get_user_model()
     plain_model = _plain(user_model, user_model._default_manager)
-    out: dict[tuple[Any, Any], Any] = {}
+    out: dict[tuple[Any, Any], _Row | _Call | Exception | None] = {}
     fixed: dict[Any, list[tuple[Any, Any]]] = {}  # prepared pk -> its (path, id) wants
     pk: Any = user_model._meta.pk
     db = connections[router.db_for_read(user_model)]
@@ -237,7 +239,7 @@ def _fetch_users(wanted: list[tuple[Any, Any]]) -> dict[tuple[Any, Any], Any]:
         try:
             backend = load_backend(backend_path)
             if type(backend).get_user is not ModelBackend.get_user or not plain_model:
-                out[want] = backend.get_user(user_id)
+                out[want] = _Call(backend, user_id)  # asked per session, as channels does
                 continue
             key = pk.get_db_prep_value(user_id, db, prepared=False)
         except Exception as exc:
@@ -258,6 +260,17 @@ def _fetch_users(wanted: list[tuple[Any, Any]]) -> dict[tuple[Any, Any], Any]:
         for want in wants:
             out[want] = None if row is None else _Row(columns, db, row, want[0])
     return out
+
+
+class _Call:
+    """A backend's own ``get_user``, called for each session that wants it (each gets the
+    object the backend makes for it)."""
+
+    def __init__(self, backend: Any, user_id: Any) -> None:
+        self.backend, self.user_id = backend, user_id
+
+    def user(self) -> Any:
+        return self.backend.get_user(self.user_id)
 
 
 class _Row:

@@ -29,3 +29,7 @@ if os.environ.get("REALTIME_TEST_DATABASE_URL"):
 
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# The test process builds ASGI applications in-process; its heap is pytest's, not a server's
+# (tests/test_gcfreeze.py checks the freeze in a process of its own).
+REALTIME_GC_FREEZE = False

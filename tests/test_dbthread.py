@@ -94,3 +94,50 @@ async def test_a_cancelled_caller_does_not_disturb_the_others(batched):
     assert await stays == 4
     with pytest.raises(asyncio.CancelledError):
         await gone
+
+
+async def test_a_batch_runs_in_a_context_of_its_own_not_its_first_callers():
+    import contextvars
+
+    var = contextvars.ContextVar("request", default=None)
+    seen = []
+
+    def record(items):
+        seen.append(var.get())
+        return items
+
+    recording = Batched(lambda items: record(items))
+    var.set("first caller's request")
+    assert await recording(1) == 1
+    assert seen == [None]
+
+
+async def test_a_batch_answering_the_wrong_count_fails_every_caller():
+    short = Batched(lambda items: items[:-1])
+    results = await asyncio.gather(short(1), short(2), return_exceptions=True)
+    assert [type(r) for r in results] == [RuntimeError, RuntimeError]
+
+
+def test_a_closed_loops_queue_is_freed():
+    import gc
+    import weakref
+
+    batched = Batched(lambda items: items)
+
+    async def call():
+        return await batched(5)
+
+    def run_in_a_new_loop():
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(call()) == 5
+        finally:
+            loop.close()
+        return weakref.ref(loop)
+
+    first = run_in_a_new_loop()
+    # asgiref's worker thread remembers the last loop it served: serve another one.
+    second = run_in_a_new_loop()
+    gc.collect()
+    assert first() is None  # nothing of ours kept it
+    assert list(batched._loops.keys()) == [second()]

@@ -50,6 +50,21 @@ async def test_first_connection_joins_and_last_leaves(backend):
     assert await store.users("lobby") == []
 
 
+async def test_present_tells_which_users_have_a_connection_in_the_room(backend):
+    store, _ = backend
+    ids = [str(ALICE["id"]), str(BOB["id"])]
+    assert await store.present("lobby", ids) == set()
+    await store.join("lobby", "a1", ALICE)
+    await store.join("lobby", "a2", ALICE)
+    await store.join("news", "b1", BOB)  # another room
+    assert await store.present("lobby", ids) == {str(ALICE["id"])}
+    await store.leave("lobby", "a1")
+    assert await store.present("lobby", ids) == {str(ALICE["id"])}  # one tab left
+    await store.leave("lobby", "a2")
+    assert await store.present("lobby", ids) == set()
+    assert await store.present("lobby", []) == set()
+
+
 async def test_users_are_listed_once_with_counts(backend):
     store, _ = backend
     for conn in ("a1", "a2", "a3"):
@@ -175,7 +190,15 @@ def test_merge_keeps_each_users_last_move():
 
 
 @pytest.fixture
-def published(monkeypatch):
+def store(monkeypatch):
+    """A fresh memory backend as the presence store (held diffs are checked against it)."""
+    backend = MemoryBackend()
+    monkeypatch.setattr(presence, "get_backend", lambda: backend)
+    return backend
+
+
+@pytest.fixture
+def published(monkeypatch, store):
     """broker.publish_ephemeral recorded; each publish waits until ``gate`` is set."""
     sent = []
     gate = asyncio.Event()
@@ -198,8 +221,9 @@ async def test_a_lone_change_is_published_alone_and_returned(published):
     assert len(sent) == 1
 
 
-async def test_changes_of_one_turn_and_during_a_publish_are_merged(published):
+async def test_changes_of_one_turn_and_during_a_publish_are_merged(published, store):
     sent, gate = published
+    await store.join("lobby", "carol-1", CAROL)  # the store agrees with the held moves below
     gate.clear()
     first = [
         asyncio.ensure_future(presence.announce("lobby", presence.Change(joins=[user])))
@@ -320,8 +344,9 @@ def test_users_decoded_from_redis_are_fresh_dicts_every_time():
     assert presence._users_from(counts, info)[0] == {"id": 1, "name": "alice", "connections": 2}
 
 
-async def test_a_held_diff_that_fails_is_logged(published, monkeypatch, settings, caplog):
+async def test_a_held_diff_that_fails_is_logged(published, store, monkeypatch, settings, caplog):
     sent, _ = published
+    await store.join("lobby", "bob-1", BOB)
     settings.REALTIME_PRESENCE_DIFF_INTERVAL = 0.01
     real = presence.broker.publish_ephemeral
 
@@ -339,3 +364,29 @@ async def test_a_held_diff_that_fails_is_logged(published, monkeypatch, settings
         await asyncio.sleep(0.005)
     assert "presence diff of lobby not published" in caplog.text
     assert len(sent) == 1
+
+
+async def test_a_held_move_the_store_no_longer_agrees_with_is_dropped(published, store, settings):
+    sent, _ = published
+    settings.REALTIME_PRESENCE_DIFF_INTERVAL = 0.01
+    await store.join("lobby", "alice-2", ALICE)  # alice came back through another process
+    await store.join("lobby", "bob-1", BOB)
+    assert await presence.announce("lobby", presence.Change(joins=[CAROL])) is not None
+    # Held: alice's leave (she is back), bob's leave (he is back), carol's join (she has gone).
+    await presence.announce("lobby", presence.Change(leaves=[ALICE]))
+    await presence.announce("lobby", presence.Change(leaves=[BOB], joins=[CAROL]))
+    await presence.announce("lobby", presence.Change(joins=[BOB]), wait=True)
+    assert [frame for _, frame in sent] == [
+        presence.diff_frame("lobby", presence.Change(joins=[CAROL])),
+        presence.diff_frame("lobby", presence.Change(joins=[BOB])),
+    ]
+
+
+async def test_a_held_change_waits_for_its_publish_when_asked(published, settings):
+    sent, _ = published
+    settings.REALTIME_PRESENCE_DIFF_INTERVAL = 0.05
+    assert await presence.announce("lobby", presence.Change(leaves=[BOB])) is not None
+    # Returns only once the room's next diff, which carries it, is out (a closing session's
+    # leave: the process may stop right after).
+    assert await presence.announce("lobby", presence.Change(leaves=[ALICE]), wait=True) is None
+    assert sent[-1] == ("lobby", presence.diff_frame("lobby", presence.Change(leaves=[ALICE])))

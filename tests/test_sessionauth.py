@@ -167,16 +167,18 @@ def test_a_batch_gives_each_session_what_it_gets_alone_in_two_queries(
         "x" * 32,
         expired,
         login(users["carol"], hash_="stale"),  # flushed: a SELECT and a DELETE of its own
-        login(users["staff"], CUSTOM),  # its backend's own get_user: a query of its own
+        login(users["staff"], CUSTOM),  # its backend's own get_user: a query each
+        login(users["staff"], CUSTOM),
     ]
-    alone = [session_user(SessionStore(k)) for k in keys[:-2]]
-    with django_assert_num_queries(2 + 1 + 2):
+    alone = [session_user(SessionStore(k)) for k in keys[:-3]]
+    with django_assert_num_queries(2 + 2 + 2):
         together = session_users([SessionStore(k) for k in keys])
-    assert [u.pk for u in together[:-2]] == [u.pk for u in alone]
+    assert [u.pk for u in together[:-3]] == [u.pk for u in alone]
     assert [fields(u) for u in together[:3]] == [fields(u) for u in alone[:3]]
     assert together[0] is not together[1] and together[0].pk == together[1].pk
-    assert [u.is_authenticated for u in together[3:]] == [False, False, False, False, True]
-    assert together[-1].first_name == "from-backend"
+    assert [u.is_authenticated for u in together[3:]] == [False, False, False, False, True, True]
+    assert together[-1].first_name == together[-2].first_name == "from-backend"
+    assert together[-1] is not together[-2]  # the backend's object for each session
     assert not Session.objects.filter(pk=keys[6]).exists()
 
 
