@@ -8,6 +8,10 @@ import pytest
 from realtime import dbthread
 from realtime.dbthread import Batched, on_db_thread
 
+# database_sync_to_async checks the database thread's connections (close_old_connections)
+# around every call: one an earlier test left open there is a database access.
+pytestmark = pytest.mark.django_db
+
 
 def where(value):
     return value, threading.current_thread().name
