@@ -20,6 +20,11 @@ Converter = Callable[[Any, Any, BaseDatabaseWrapper], Any]
 M = TypeVar("M", bound=models.Model)
 
 
+def placeholders(count: int) -> str:
+    """``%s, %s, ...``: the parameters of an ``IN (...)`` list of ``count`` values."""
+    return ", ".join(["%s"] * count)
+
+
 class Columns(Generic[M]):
     """Some concrete fields of ``model``, selected under a table alias in hand-written SQL."""
 

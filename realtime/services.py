@@ -145,6 +145,7 @@ class JoinResult:
 _ROOM = rawread.Columns(Room, "r")
 _MEMBERSHIP = rawread.Columns(Membership, "m", ["id", "role", "banned", "created_at"])
 _MEMBER_USER: Any = Membership._meta.get_field("user")
+_ROOM_SLUG = _ROOM.attnames.index("slug")  # a plain text column: no conversion to compare
 _JOIN_SQL: dict[tuple[str, int, int], str] = {}  # per database alias and IN list sizes
 
 
@@ -158,8 +159,8 @@ def _join_sql(db: Any, slugs: int, users: int) -> str:
             f"SELECT {_ROOM.select(db)}, {_MEMBERSHIP.column(db, 'user')}, {_MEMBERSHIP.select(db)}"
             f" FROM {_ROOM.table(db)} LEFT OUTER JOIN {_MEMBERSHIP.table(db)}"
             f" ON ({_MEMBERSHIP.column(db, 'room')} = {_ROOM.column(db, 'id')}"
-            f" AND {_MEMBERSHIP.column(db, 'user')} IN ({', '.join(['%s'] * users)}))"
-            f" WHERE {_ROOM.column(db, 'slug')} IN ({', '.join(['%s'] * slugs)})"
+            f" AND {_MEMBERSHIP.column(db, 'user')} IN ({rawread.placeholders(users)}))"
+            f" WHERE {_ROOM.column(db, 'slug')} IN ({rawread.placeholders(slugs)})"
         )
     return sql
 
@@ -189,8 +190,10 @@ def _rooms_and_memberships(
     rooms: dict[str, Room] = {}
     members: dict[tuple[str, Any], list[Any]] = {}
     for row in rows:
-        room = _ROOM.instance(db, row[:split])
-        room = rooms.setdefault(room.slug, room)
+        # A room's columns repeat on each of its members' rows: one instance per room.
+        room = rooms.get(row[_ROOM_SLUG])
+        if room is None:
+            room = rooms[row[_ROOM_SLUG]] = _ROOM.instance(db, row[:split])
         if row[split] is not None:
             # Prepared as the wanted ids were, so the two compare whatever the driver returns
             # (a UUID may come back as text, say).

@@ -196,16 +196,12 @@ def _load_sessions(sessions: Sequence[Any]) -> None:
 # The fixed SQL is written once per model and database (functools.cache), not per handshake.
 
 
-def _in(count: int) -> str:
-    return f"IN ({', '.join(['%s'] * count)})"
-
-
 @functools.cache
 def _session_sql(model: type[models.Model], alias: str, count: int) -> str:
     db, columns = connections[alias], rawread.Columns(model, "s", ["session_key", "session_data"])
     return (
         f"SELECT {columns.select(db)} FROM {columns.table(db)}"
-        f" WHERE {columns.column(db, 'session_key')} {_in(count)}"
+        f" WHERE {columns.column(db, 'session_key')} IN ({rawread.placeholders(count)})"
         f" AND {columns.column(db, 'expire_date')} > %s"
     )
 
@@ -218,7 +214,7 @@ def _user_read(
     pk: Any = model._meta.pk
     sql = (
         f"SELECT {columns.select(db)} FROM {columns.table(db)}"
-        f" WHERE {columns.column(db, pk.name)} {_in(count)}"
+        f" WHERE {columns.column(db, pk.name)} IN ({rawread.placeholders(count)})"
     )
     return columns, sql
 
@@ -231,7 +227,7 @@ def _fetch_users(wanted: list[tuple[Any, Any]]) -> dict[tuple[Any, Any], Any]:
     user_model = get_user_model()
     plain_model = _plain(user_model, user_model._default_manager)
     out: dict[tuple[Any, Any], _Row | _Call | Exception | None] = {}
-    fixed: dict[Any, list[tuple[Any, Any]]] = {}  # prepared pk -> its (path, id) wants
+    fixed: dict[Any, list[tuple[tuple[Any, Any], Any]]] = {}  # prepared pk -> (want, backend)
     pk: Any = user_model._meta.pk
     db = connections[router.db_for_read(user_model)]
     for want in dict.fromkeys(wanted):  # each distinct want once, in order
@@ -245,7 +241,7 @@ def _fetch_users(wanted: list[tuple[Any, Any]]) -> dict[tuple[Any, Any], Any]:
         except Exception as exc:
             out[want] = exc
             continue
-        fixed.setdefault(key, []).append(want)
+        fixed.setdefault(key, []).append((want, backend))
     if not fixed:
         return out
     keys = list(fixed)
@@ -257,8 +253,8 @@ def _fetch_users(wanted: list[tuple[Any, Any]]) -> dict[tuple[Any, Any], Any]:
     by_key = {pk.get_db_prep_value(row[pk_index], db, prepared=False): row for row in rows}
     for key, wants in fixed.items():
         row = by_key.get(key)
-        for want in wants:
-            out[want] = None if row is None else _Row(columns, db, row, want[0])
+        for want, backend in wants:
+            out[want] = None if row is None else _Row(columns, db, row, backend)
     return out
 
 
@@ -277,13 +273,13 @@ class _Row:
     """A user row read for ModelBackend: each session that wants it gets an instance of its
     own (as a queryset would give each), if the backend lets that user authenticate."""
 
-    def __init__(self, columns: rawread.Columns[Any], db: Any, row: Any, backend: str) -> None:
-        self.columns, self.db, self.row, self.backend = columns, db, row, backend
+    def __init__(self, columns: rawread.Columns[Any], db: Any, row: Any, backend: Any) -> None:
+        self.columns, self.db, self.row = columns, db, row
+        self.backend = backend  # a ModelBackend (its get_user is what this read stands for)
 
     def user(self) -> Any:
         user = self.columns.instance(self.db, self.row)
-        backend: Any = load_backend(self.backend)  # a ModelBackend (its get_user was used)
-        return user if backend.user_can_authenticate(user) else None
+        return user if self.backend.user_can_authenticate(user) else None
 
 
 def SessionAuthStack(inner: Any) -> SessionAuthMiddleware:
