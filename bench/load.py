@@ -136,7 +136,7 @@ class Generator:
     async def open(self, stack: Stack, index: int, cookie: str, room: str) -> Connection:
         """A client of ``stack`` on its server ``index % n``, joined to ``room``."""
         server = stack.servers[index % len(stack.servers)]
-        path = "/ws/" if stack.kind == "realtime" else f"/ws/chat/{room}/"
+        path = f"/ws/chat/{room}/" if stack.kind == "baseline" else "/ws/"
         conn = await wsclient.connect(HOST, server.port, path, cookie, self.on_text)
         conn.state["room"] = room
         conn.state["pub"] = self._next_publisher()

@@ -152,13 +152,14 @@ def chart(path: Path, rows: list[dict[str, Any]], saturation: dict[str, dict[str
     for ax in (ax_cpu, ax_p99):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    width = 0.8 / max(1, len(stacks))
-    for si, stack in enumerate(stacks):
+    ran = [s for s in stacks if any(r["stack"] == s and r["scenario"] in fanouts for r in rows)]
+    width = 0.8 / max(1, len(ran))
+    for k, stack in enumerate(ran):
         values = [saturation.get(s, {}).get(stack, 0) for s in fanouts]
-        xs = [i + si * width for i in range(len(fanouts))]
-        bars = ax_sat.bar(xs, values, width, label=stack, color=f"C{si}")
+        xs = [i + k * width for i in range(len(fanouts))]
+        bars = ax_sat.bar(xs, values, width, label=stack, color=f"C{stacks.index(stack)}")
         ax_sat.bar_label(bars, fontsize=7)
-    ax_sat.set_xticks([i + width * (len(stacks) - 1) / 2 for i in range(len(fanouts))], fanouts)
+    ax_sat.set_xticks([i + width * (len(ran) - 1) / 2 for i in range(len(fanouts))], fanouts)
     ax_sat.set(title="Saturation: highest deliveries/s with p99 <= 250 ms, 0 lost")
     ax_sat.legend(fontsize=7)
     idle = [r for r in rows if r["scenario"] == "idle"]

@@ -1,8 +1,9 @@
 """``make bench``: realtime against the Channels tutorial pattern, same load, same machine.
 
 Starts a private Redis, a PostgreSQL database (or uses DATABASE_URL), 2 daphne processes
-serving realtime, 2 daphne processes serving the tutorial consumer (bench/baseline/) and 2
-uvicorn processes serving realtime; runs the scenarios with the stacks interleaved per step;
+serving realtime, 2 daphne processes serving the tutorial consumer (bench/baseline/), 2
+uvicorn processes serving realtime and, for the idle scenario only, 2 + 2 daphne processes
+serving the floors (bench/floor/: a bare accept, and one behind realtime's session auth); runs the scenarios with the stacks interleaved per step;
 prints the comparison and writes results/bench.json and results/bench.png. Sizes and
 durations come from BENCH_* environment variables (see docs/performance.md).
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 from bench import profile, report
 from bench.load import Generator
-from bench.scenarios import Config, Runner, room_name
+from bench.scenarios import TRAFFIC_KINDS, Config, Runner, room_name
 from bench.stacks import (
     Stack,
     checkout,
@@ -39,7 +40,11 @@ STACKS = {
     "realtime": ("realtime", "daphne"),
     "baseline": ("baseline", "daphne"),
     "uvicorn": ("realtime", "uvicorn"),
+    # Idle scenario only (bench/floor/): daphne accepting, bare and behind realtime's session auth.
+    "floor": ("floor", "daphne"),
+    "floor-auth": ("floor-auth", "daphne"),
 }
+DEFAULT_STACKS = "realtime,baseline,uvicorn,floor,floor-auth"
 
 
 def stack_kind(name: str) -> tuple[str, str]:
@@ -117,6 +122,8 @@ def summarise(
     items: list[dict[str, Any]] = []
 
     def add(figure: str, values: dict[str, Any], target: str, met: bool | None) -> None:
+        # Stacks without the figure (the floors outside the idle scenario) are left out.
+        values = {name: value for name, value in values.items() if value is not None}
         items.append({"figure": figure, "values": values, "target": target, "met": met})
 
     big = max((int(s.split("-")[1]) for s in saturation), default=0)
@@ -263,7 +270,7 @@ async def profile_fanout(
     runner.on_step = attach
     try:
         for stack in stacks:
-            if stack.server != "daphne":
+            if stack.server != "daphne" or stack.kind not in TRAFFIC_KINDS:
                 continue
             runner.stacks = [stack]
             await runner.fanout(size, lambda row: None)
@@ -312,7 +319,7 @@ def main() -> int:
     results.mkdir(parents=True, exist_ok=True)
     workdir = results / "work"
     names = [
-        n.strip() for n in os.environ.get("BENCH_STACKS", "realtime,baseline,uvicorn").split(",")
+        n.strip() for n in os.environ.get("BENCH_STACKS", DEFAULT_STACKS).split(",")
     ]
     if len(set(names)) != len(names):
         raise SystemExit(f"bench: a stack is named twice in BENCH_STACKS: {names}")
@@ -328,11 +335,12 @@ def main() -> int:
         database_url, created = exit_stack.enter_context(database())
         print(f"  redis :{redis.port}, database {'created' if created else 'from DATABASE_URL'}")
         env = server_env(database_url, redis.url, "project.settings")
-        cookies = prepare(env, cfg.users, rooms_needed(cfg, names))
+        with_rooms = [n for n in names if stack_kind(n)[0] in TRAFFIC_KINDS]
+        cookies = prepare(env, cfg.users, rooms_needed(cfg, with_rooms))
         stacks: list[Stack] = []
         for name in names:
             kind, server = stack_kind(name)
-            settings = "bench.settings" if kind == "realtime" else "bench.baseline.settings"
+            settings = "bench.baseline.settings" if kind == "baseline" else "bench.settings"
             # Separate Redis databases, so the stacks never see each other's groups.
             db = names.index(name)
             stack_env = server_env(database_url, f"{redis.url.rsplit('/', 1)[0]}/{db}", settings)

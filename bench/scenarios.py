@@ -49,6 +49,9 @@ class Config:
 
 Record = Callable[[dict[str, Any]], None]
 
+# The stacks that carry messages; the others (the floors) only take part in the idle scenario.
+TRAFFIC_KINDS = ("realtime", "baseline")
+
 
 def room_name(base: str, stack: Stack | str) -> str:
     """Each stack gets its own rooms: realtime stacks share the database, and a room's seq
@@ -77,6 +80,9 @@ class Runner:
         self.cfg = cfg
         # Called as each open-loop step starts (the profiler attaches there).
         self.on_step: Callable[[Stack], None] | None = None
+
+    def traffic(self) -> list[Stack]:
+        return [s for s in self.stacks if s.kind in TRAFFIC_KINDS]
 
     def cookie(self, i: int) -> str:
         return self.cookies[i % len(self.cookies)]
@@ -138,13 +144,13 @@ class Runner:
         cfg = self.cfg
         conns: dict[str, list[Connection]] = {}
         try:
-            for stack in self.stacks:
+            for stack in self.traffic():
                 room = room_name(f"fan-{size}", stack)
                 specs = [(self.cookie(j), room) for j in range(size)]
                 conns[stack.name] = await self.gen.open_many(stack, specs)
             await settle(self.stacks)
-            saturation = {s.name: 0 for s in self.stacks}
-            active = list(self.stacks)
+            saturation = {s.name: 0 for s in self.traffic()}
+            active = self.traffic()
             for rate in cfg.fanout_rates:
                 for stack in list(active):
                     clients = conns[stack.name]
@@ -185,7 +191,7 @@ class Runner:
         n = cfg.rooms_clients
         rng = random.Random(8)
         period = 1.0 / cfg.rooms_rate
-        for stack in self.stacks:
+        for stack in self.traffic():
             specs = [
                 (self.cookie(j), room_name(f"room-{j // cfg.room_size}", stack)) for j in range(n)
             ]

@@ -36,6 +36,14 @@ def rss_bytes(pid: int) -> int:
         return int(fh.read().split()[1]) * PAGE
 
 
+APPS = {
+    "realtime": "project.asgi:application",
+    "baseline": "bench.baseline.asgi:application",
+    "floor": "bench.floor.accept:application",
+    "floor-auth": "bench.floor.auth:application",
+}
+
+
 @dataclass
 class Server:
     process: Process
@@ -47,7 +55,7 @@ class Stack:
     """One system under test: its name, its processes, and the URL path of its socket."""
 
     name: str
-    kind: str  # "realtime" (protocol v1 on /ws/) or "baseline" (tutorial chat)
+    kind: str  # "realtime" (protocol v1 on /ws/), "baseline" (tutorial chat), "floor*" (APPS)
     server: str  # "daphne" or "uvicorn"
     servers: list[Server] = field(default_factory=list)
 
@@ -110,7 +118,7 @@ def start_stack(
     """
     if code is not None:
         env = dict(env, PYTHONPATH=str(code))
-    app = "project.asgi:application" if kind == "realtime" else "bench.baseline.asgi:application"
+    app = APPS[kind]
     stack = Stack(name=name, kind=kind, server=server)
     logdir.mkdir(parents=True, exist_ok=True)
     try:

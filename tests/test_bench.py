@@ -18,7 +18,7 @@ from tests import servers
 pytestmark = pytest.mark.integration
 
 TINY = {
-    "BENCH_STACKS": "realtime,baseline",
+    "BENCH_STACKS": "realtime,baseline,floor,floor-auth",
     "BENCH_SCENARIOS": "idle,fanout,rooms,sends",
     "BENCH_USERS": "5",
     "BENCH_FANOUT_SIZES": "6",
@@ -83,8 +83,35 @@ def rows(report, scenario):
 def test_every_scenario_reports_both_stacks(report):
     assert {r["stack"] for r in rows(report, "fanout-6")} == {"realtime", "baseline"}
     assert {r["stack"] for r in rows(report, "rooms")} == {"realtime", "baseline"}
-    assert {r["stack"] for r in rows(report, "idle")} == {"realtime", "baseline"}
     assert {r["stack"] for r in rows(report, "sends")} == {"realtime"}  # tutorial: no acks
+
+
+def test_the_floors_take_part_in_the_idle_scenario_only(report):
+    idle = {r["stack"]: r for r in rows(report, "idle")}
+    assert set(idle) == {"realtime", "baseline", "floor", "floor-auth"}
+    # floor-auth refuses anonymous handshakes: every one of these carried a valid session.
+    assert idle["floor-auth"]["connections"] == idle["floor"]["connections"] == 20
+    figures = {item["figure"]: item["values"] for item in report["summary"]}
+    assert set(figures["idle connections/s (auth + join)"]) == set(idle)
+    assert "floor" not in figures["rooms p99 ms"]  # no None entries for stacks that did not run
+
+
+async def test_the_auth_floor_refuses_an_anonymous_handshake():
+    from django.contrib.auth.models import AnonymousUser
+
+    from bench.floor import auth
+
+    sent = []
+    messages = iter([{"type": "websocket.connect"}])
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    await auth._logged_in_only({"user": AnonymousUser()}, receive, send)
+    assert sent == [{"type": "websocket.close"}]
 
 
 def test_step_rows_carry_the_promised_figures(report):
