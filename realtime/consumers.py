@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from channels.consumer import get_handler_name
@@ -120,6 +121,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             self._emit,
             self._close,
             credentials=auth.credentials_from_scope(self.scope),
+            emit_many=self._emit_many,
         )
         await self.session.start()
 
@@ -174,6 +176,22 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             if self._queued is None:
                 return
             pending = self._queued()
+        await self._over_limit(pending)
+
+    async def _emit_many(self, texts: Sequence[str]) -> None:
+        """The frames of one reply, in one write when the fast path is open."""
+        if self._slow:
+            return
+        writer = self._writer
+        pending = writer.write_many(texts) if writer is not None else None
+        if pending is None:
+            for text in texts:
+                await self._emit(text)
+            return
+        await self._over_limit(pending)
+
+    async def _over_limit(self, pending: int) -> None:
+        """Past ``REALTIME_MAX_BUFFERED_BYTES`` queued: wait for the client, or close it."""
         limit = self._buffer_limit
         if pending <= limit or self.session is None:
             return

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -55,6 +55,7 @@ _joins: Batched[services.JoinRequest, services.JoinResult] = Batched(
 )
 
 Emit = Callable[[str], Awaitable[None]]
+EmitMany = Callable[[Sequence[str]], Awaitable[None]]
 Close = Callable[[int], Awaitable[None]]
 
 # Broadcasts held for one room while its gap is filled; beyond this the session cannot keep
@@ -110,6 +111,7 @@ class Session:
         *,
         announce_presence: bool = True,
         credentials: auth.Credentials | None = None,
+        emit_many: EmitMany | None = None,
     ) -> None:
         self.user = user
         # What the login rests on (auth.py): re-validated every REALTIME_AUTH_RECHECK seconds.
@@ -123,6 +125,8 @@ class Session:
         # but are not counted in it, so their polls do not make them flicker in and out.
         self.announce_presence = announce_presence
         self._transport_emit = emit
+        # Writes the frames of one reply at once (the WebSocket's fast path); else frame by frame.
+        self._transport_emit_many = emit_many
         self._close_transport = close
         self.closed = False
         self.rooms: dict[str, RoomState] = {}
@@ -136,6 +140,16 @@ class Session:
         """Write one encoded frame to the transport."""
         metrics.count_out(text)
         await self._transport_emit(text)
+
+    async def emit_many(self, texts: Sequence[str]) -> None:
+        """Write the encoded frames of one reply, in order (in one write if the transport can)."""
+        for text in texts:
+            metrics.count_out(text)
+        if self._transport_emit_many is None:
+            for text in texts:
+                await self._transport_emit(text)
+        else:
+            await self._transport_emit_many(texts)
 
     @property
     def authenticated(self) -> bool:
@@ -325,8 +339,8 @@ class Session:
             "recovered": result.recovered,
         }
         users = await self._enter_presence(state)
-        await self.emit(encode(with_ref(ack, frame.ref)))
-        await self.emit(encode({"type": ServerType.PRESENCE_STATE, "room": slug, "users": users}))
+        state_frame = {"type": ServerType.PRESENCE_STATE, "room": slug, "users": users}
+        await self.emit_many((encode(with_ref(ack, frame.ref)), encode(state_frame)))
         for message in result.messages:
             await self.emit(services.message_frame(message))
         state.last_seq = result.head
