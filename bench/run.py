@@ -3,9 +3,10 @@
 Starts a private Redis, a PostgreSQL database (or uses DATABASE_URL), 2 daphne processes
 serving realtime, 2 daphne processes serving the tutorial consumer (bench/baseline/), 2
 uvicorn processes serving realtime and, for the idle scenario only, 2 + 2 daphne processes
-serving the floors (bench/floor/: a bare accept, and one behind realtime's session auth); runs the scenarios with the stacks interleaved per step;
-prints the comparison and writes results/bench.json and results/bench.png. Sizes and
-durations come from BENCH_* environment variables (see docs/performance.md).
+serving the floors (bench/floor/: a bare accept, and one behind realtime's session auth);
+runs the scenarios with the stacks interleaved per step; prints the comparison and writes
+results/bench.json and results/bench.png. Sizes and durations come from BENCH_* environment
+variables (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -318,9 +319,7 @@ def main() -> int:
     results = Path(os.environ.get("BENCH_RESULTS", servers.REPO_ROOT / "results"))
     results.mkdir(parents=True, exist_ok=True)
     workdir = results / "work"
-    names = [
-        n.strip() for n in os.environ.get("BENCH_STACKS", DEFAULT_STACKS).split(",")
-    ]
+    names = [n.strip() for n in os.environ.get("BENCH_STACKS", DEFAULT_STACKS).split(",")]
     if len(set(names)) != len(names):
         raise SystemExit(f"bench: a stack is named twice in BENCH_STACKS: {names}")
     for name in names:

@@ -15,10 +15,9 @@ import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.settings")
 django.setup()
 
+from bench.floor._asgi import Receive, Send, accept_and_wait, http_ok  # noqa: E402
 from realtime.gcfreeze import freeze_startup_heap  # noqa: E402
 from realtime.sessionauth import SessionAuthStack  # noqa: E402
-
-from bench.floor._asgi import Receive, Send, accept_and_wait, http_ok  # noqa: E402
 
 
 async def _logged_in_only(scope: dict[str, Any], receive: Receive, send: Send) -> None:
