@@ -121,6 +121,10 @@ class AutoPipeline:
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flushing = False
         self.flushes = 0  # pipelines sent (for tests)
+        # One connection, taken from the client's pool once and kept: flushes never overlap,
+        # and a pool checkout per flush (its lock, its check for unread data) and redis-py's
+        # Pipeline cost about as much CPU as the round trip itself.
+        self._connection: Any = None
 
     async def execute(self, *args: Any) -> Any:
         """Run one command (``"PUBLISH", channel, data``); its reply, or its error raised."""
@@ -161,19 +165,47 @@ class AutoPipeline:
         finally:
             self._flushing = False
 
-    async def _run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        if len(commands) == 1:
-            try:
-                return [await self.client.execute_command(*commands[0])]
-            except Exception as exc:  # answered to that caller, like a pipeline's error
-                return [exc]
-        pipe = self.client.pipeline(transaction=False)
-        for args in commands:
-            pipe.execute_command(*args)
-        return list(await pipe.execute(raise_on_error=False))
+    async def _run(self, commands: list[tuple[Any, ...]], retry: bool = True) -> list[Any]:
+        """Each command's reply, or its own error (an error reply fails only its caller)."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import ResponseError
+
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = await self.client.connection_pool.get_connection()
+        elif _peer_closed(connection):  # Redis restarted, or dropped an idle client
+            await connection.disconnect(nowait=True)
+        was_open = connection.is_connected
+        replies: list[Any] = []
+        try:
+            # Connects first if it is not (a new connection, or after an error).
+            await connection.send_packed_command(
+                connection.pack_commands(commands), check_health=False
+            )
+            for args in commands:
+                try:
+                    replies.append(await self.client.parse_response(connection, args[0]))
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException as exc:
+            # Cancelled, timed out or cut mid-reply: what is left to read is unknown.
+            await connection.disconnect(nowait=True)
+            if retry and was_open and not replies and isinstance(exc, RedisConnectionError):
+                # The kept connection was already dead (its close not yet seen by the loop):
+                # nothing came back on it, so the batch goes once more, on a new connection.
+                return await self._run(commands, retry=False)
+            raise
+        return replies
 
 
 _flush_tasks: set[asyncio.Task[None]] = set()  # strong references while flushes run
+
+
+def _peer_closed(connection: Any) -> bool:
+    """Whether Redis has closed ``connection`` (its end-of-file already read by the loop)."""
+    reader = getattr(connection, "_reader", None)
+    return reader is not None and reader.at_eof()
+
 
 _pipelines: weakref.WeakKeyDictionary[Any, AutoPipeline] = weakref.WeakKeyDictionary()
 

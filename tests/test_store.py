@@ -85,3 +85,63 @@ async def test_an_unreachable_redis_fails_every_caller_with_the_error(redis_url)
     )
     assert all(isinstance(r, ConnectionError) or "connect" in str(r).lower() for r in results)
     await dead.aclose()
+
+
+async def test_one_kept_connection_serves_every_flush(client):
+    pool = client.connection_pool
+    checkouts = []
+    take = pool.get_connection
+
+    async def counting_get_connection(*args, **kwargs):
+        checkouts.append(args)
+        return await take(*args, **kwargs)
+
+    pool.get_connection = counting_get_connection
+    pipeline = AutoPipeline(client)
+    for n in range(1, 6):
+        assert await pipeline.execute("INCR", "n") == n
+    assert await asyncio.gather(*(pipeline.execute("INCR", "n") for _ in range(3))) == [6, 7, 8]
+    assert pipeline.flushes == 6 and len(checkouts) == 1
+
+
+async def test_a_flush_cut_off_mid_reply_leaves_nothing_unread_for_the_next(client):
+    from realtime import store
+
+    pipeline = AutoPipeline(client)
+    waiting = asyncio.ensure_future(pipeline.execute("BLPOP", "nothing-here", 1))
+    for _ in range(100):  # until the flush has sent it and waits for the reply
+        if pipeline._queue == [] and store._flush_tasks:
+            break
+        await asyncio.sleep(0)
+    (flush,) = store._flush_tasks
+    await asyncio.sleep(0.05)
+    flush.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # Had the connection been kept as it was, this would read BLPOP's late (nil) reply.
+    assert await pipeline.execute("INCR", "n") == 1
+    assert await pipeline.execute("INCR", "n") == 2
+
+
+@pytest.mark.parametrize("close_seen", [True, False], ids=["close-seen", "close-unseen"])
+async def test_a_restarted_redis_is_reconnected_without_failing_a_caller(
+    tmp_path, monkeypatch, close_seen
+):
+    from realtime import store
+
+    from .servers import restart_redis_empty
+
+    if not close_seen:  # the send finds the connection dead: the batch goes again, once
+        monkeypatch.setattr(store, "_peer_closed", lambda connection: False)
+    with running_redis(tmp_path / "redis") as server:
+        client = aioredis.Redis.from_url(server.url)
+        try:
+            pipeline = AutoPipeline(client)
+            assert await pipeline.execute("INCR", "n") == 1
+            server.process.stop()
+            restart_redis_empty(server, tmp_path / "redis-again")
+            # The kept connection belongs to the old server: replaced, and nobody fails.
+            assert await pipeline.execute("INCR", "n") == 1
+            assert await pipeline.execute("INCR", "n") == 2
+        finally:
+            await client.aclose()
