@@ -1,7 +1,8 @@
 """daphne accepting WebSockets of logged-in users through realtime's session authentication.
 
-The same Django settings, middleware and startup (the heap frozen as ``get_asgi_application``
-freezes it) as the realtime stack; no room, no frame, no presence. Anonymous handshakes are
+The same Django settings, middleware and startup as the realtime stack (the handshake tunings
+of ``websocket_application()``, the heap frozen as ``get_asgi_application()`` freezes it); no
+room, no frame, no presence. Anonymous handshakes are
 refused, so a connection the generator counts is one whose session and user were read.
 """
 
@@ -16,6 +17,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.settings")
 django.setup()
 
 from bench.floor._asgi import Receive, Send, accept_and_wait, http_ok  # noqa: E402
+from realtime import wire  # noqa: E402
+from realtime.auth import install_log_redaction  # noqa: E402
 from realtime.gcfreeze import freeze_startup_heap  # noqa: E402
 from realtime.sessionauth import SessionAuthStack  # noqa: E402
 
@@ -24,6 +27,8 @@ async def _logged_in_only(scope: dict[str, Any], receive: Receive, send: Send) -
     await accept_and_wait(receive, send, allowed=scope["user"].is_authenticated)
 
 
+install_log_redaction()
+wire.defer_handshake_log()
 _websocket = SessionAuthStack(_logged_in_only)
 
 
