@@ -176,12 +176,11 @@ class AutoPipeline:
         elif _peer_closed(connection):  # Redis restarted, or dropped an idle client
             await connection.disconnect(nowait=True)
         was_open = connection.is_connected
+        packed = connection.pack_commands(commands)  # a bad argument fails here, unsent
         replies: list[Any] = []
         try:
             # Connects first if it is not (a new connection, or after an error).
-            await connection.send_packed_command(
-                connection.pack_commands(commands), check_health=False
-            )
+            await connection.send_packed_command(packed, check_health=False)
             for args in commands:
                 try:
                     replies.append(await self.client.parse_response(connection, args[0]))

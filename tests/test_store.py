@@ -145,3 +145,12 @@ async def test_a_restarted_redis_is_reconnected_without_failing_a_caller(
             assert await pipeline.execute("INCR", "n") == 2
         finally:
             await client.aclose()
+
+
+async def test_a_command_redis_py_cannot_encode_fails_its_batch_and_not_the_next(client):
+    from redis.exceptions import DataError
+
+    pipeline = AutoPipeline(client)
+    with pytest.raises(DataError):
+        await pipeline.execute("SET", "k", object())
+    assert await pipeline.execute("INCR", "n") == 1
