@@ -178,7 +178,7 @@ def chart(path: Path, rows: list[dict[str, Any]], saturation: dict[str, dict[str
             "ko-",
             label="conns/s",
         )
-        twin.set_ylabel("connections/s (auth + join)")
+        twin.set_ylabel("connections/s (realtime, baseline: auth + join)")
         twin.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -215,7 +215,7 @@ async def run_scenarios(
             for k in ("connections_per_s", "rss_kb_per_connection", "acked_sends_per_s")
             if k in row
         )
-        print(f"  {row['scenario']:<12} {row['step']:<24} {row['stack']:<9} {brief}{extra}")
+        print(f"  {row['scenario']:<12} {row['step']:<24} {row['stack']:<10} {brief}{extra}")
         sys.stdout.flush()
 
     scenarios = os.environ.get("BENCH_SCENARIOS", "idle,fanout,rooms,sends,profile").split(",")

@@ -84,9 +84,11 @@ def _answers(port: int) -> bool:
 
 def _argv(server: str, app: str, port: int) -> list[str]:
     if server == "daphne":
-        # The systemd unit's command line (deploy/), so the shipped flags are measured.
-        if app == "project.asgi:application":
-            return servers.render.daphne_argv(port, str(VENV_BIN / "daphne"))
+        # The systemd unit's command line (deploy/), so the shipped flags are measured; the
+        # floors get the same flags. The tutorial pattern runs daphne as its tutorial does.
+        if app != APPS["baseline"]:
+            argv = servers.render.daphne_argv(port, str(VENV_BIN / "daphne"))
+            return [app if arg == APPS["realtime"] else arg for arg in argv]
         return [str(VENV_BIN / "daphne"), "-b", LOOPBACK, "-p", str(port), app]
     return [
         str(VENV_BIN / "uvicorn"),

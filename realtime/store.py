@@ -173,26 +173,35 @@ class AutoPipeline:
         connection = self._connection
         if connection is None:
             connection = self._connection = await self.client.connection_pool.get_connection()
-        elif _peer_closed(connection):  # Redis restarted, or dropped an idle client
+        elif _stale(connection):  # Redis closed it (a restart), or asked for a reconnect
             await connection.disconnect(nowait=True)
         was_open = connection.is_connected
         packed = connection.pack_commands(commands)  # a bad argument fails here, unsent
-        replies: list[Any] = []
         try:
             # Connects first if it is not (a new connection, or after an error).
             await connection.send_packed_command(packed, check_health=False)
+        except BaseException as exc:
+            await connection.disconnect(nowait=True)
+            if retry and was_open and isinstance(exc, RedisConnectionError):
+                # The kept connection was dead before the write (its close not yet seen by
+                # the loop): nothing reached Redis, so the batch goes again on a new one.
+                # Never after a failed read: Redis may have run the commands.
+                return await self._run(commands, retry=False)
+            raise
+        replies: list[Any] = []
+        try:
             for args in commands:
                 try:
                     replies.append(await self.client.parse_response(connection, args[0]))
                 except ResponseError as exc:
                     replies.append(exc)
-        except BaseException as exc:
-            # Cancelled, timed out or cut mid-reply: what is left to read is unknown.
+        except Exception as exc:
+            # Timed out or cut mid-reply: what is left to read is unknown, so the connection
+            # goes. The commands answered keep their replies; the others get the error.
             await connection.disconnect(nowait=True)
-            if retry and was_open and not replies and isinstance(exc, RedisConnectionError):
-                # The kept connection was already dead (its close not yet seen by the loop):
-                # nothing came back on it, so the batch goes once more, on a new connection.
-                return await self._run(commands, retry=False)
+            return replies + [exc] * (len(commands) - len(replies))
+        except BaseException:  # cancelled: the flush's callers are cancelled with it
+            await connection.disconnect(nowait=True)
             raise
         return replies
 
@@ -200,10 +209,14 @@ class AutoPipeline:
 _flush_tasks: set[asyncio.Task[None]] = set()  # strong references while flushes run
 
 
-def _peer_closed(connection: Any) -> bool:
-    """Whether Redis has closed ``connection`` (its end-of-file already read by the loop)."""
+def _stale(connection: Any) -> bool:
+    """Whether ``connection`` must be reconnected before use: Redis has closed it (its
+    end-of-file already seen by the loop), or redis-py marked it for a reconnect."""
     reader = getattr(connection, "_reader", None)
-    return reader is not None and reader.at_eof()
+    if reader is not None and reader.at_eof():
+        return True
+    should_reconnect = getattr(connection, "should_reconnect", None)
+    return bool(should_reconnect()) if callable(should_reconnect) else False
 
 
 _pipelines: weakref.WeakKeyDictionary[Any, AutoPipeline] = weakref.WeakKeyDictionary()
