@@ -81,6 +81,17 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         finally:
             drain.unregister(self)
             self._mark_gone()
+            self._detach()
+
+    def _detach(self) -> None:
+        """Once the socket is done, break the consumer/session cycle (the session's emit and
+        close are this consumer's methods), so both are freed at once, not by a full garbage
+        collection. A session not closed (an unexpected error) keeps its references."""
+        session = self.session
+        if session is not None and session.closed:
+            session.detach()
+            self.session = None
+        self._writer = None
 
     async def _receive(self) -> Any:
         message = await self._receive_raw()

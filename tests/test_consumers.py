@@ -477,3 +477,23 @@ async def test_a_frame_for_a_socket_that_just_closed_is_dropped_quietly():
     consumer.base_send = broken
     with pytest.raises(ValueError):
         await consumer._emit('{"type":"message"}')
+
+
+async def test_a_closed_connection_is_freed_without_the_garbage_collector(users, rooms):
+    """The consumer and its session refer to each other until the socket is done; then the
+    cycle is broken, so a thousand clients leaving at once do not await a full collection."""
+    import gc
+    import weakref
+
+    client = Client(users["alice"])
+    await client.open()
+    await client.join("lobby")
+    (session,) = (s for s in broker.get_hub().sessions if s.user == users["alice"])
+    freed = weakref.ref(session)
+    del session
+    gc.disable()
+    try:
+        await client.close()
+        assert freed() is None
+    finally:
+        gc.enable()
