@@ -1,6 +1,7 @@
 """store.AutoPipeline: commands of one loop turn share a round trip, each answered alone."""
 
 import asyncio
+import contextlib
 
 import pytest
 import redis.asyncio as aioredis
@@ -123,7 +124,9 @@ async def test_a_flush_cut_off_mid_reply_leaves_nothing_unread_for_the_next(clie
     assert await pipeline.execute("INCR", "n") == 2
 
 
-async def test_a_restarted_redis_is_reconnected_without_failing_a_caller(tmp_path):
+@contextlib.asynccontextmanager
+async def _pipeline_across_a_restart(tmp_path):
+    """An AutoPipeline that has used its connection once; ``restart()`` restarts Redis empty."""
     from .servers import restart_redis_empty
 
     with running_redis(tmp_path / "redis") as server:
@@ -131,13 +134,22 @@ async def test_a_restarted_redis_is_reconnected_without_failing_a_caller(tmp_pat
         try:
             pipeline = AutoPipeline(client)
             assert await pipeline.execute("INCR", "n") == 1
-            server.process.stop()
-            restart_redis_empty(server, tmp_path / "redis-again")
-            # The kept connection belongs to the old server: replaced, and nobody fails.
-            assert await pipeline.execute("INCR", "n") == 1
-            assert await pipeline.execute("INCR", "n") == 2
+
+            def restart():
+                server.process.stop()
+                restart_redis_empty(server, tmp_path / "redis-again")
+
+            yield pipeline, restart
         finally:
             await client.aclose()
+
+
+async def test_a_restarted_redis_is_reconnected_without_failing_a_caller(tmp_path):
+    async with _pipeline_across_a_restart(tmp_path) as (pipeline, restart):
+        restart()
+        # The kept connection belongs to the old server: replaced, and nobody fails.
+        assert await pipeline.execute("INCR", "n") == 1
+        assert await pipeline.execute("INCR", "n") == 2
 
 
 async def test_a_close_not_yet_seen_fails_one_batch_clearly_and_is_never_resent(
@@ -148,21 +160,12 @@ async def test_a_close_not_yet_seen_fails_one_batch_clearly_and_is_never_resent(
 
     from realtime import store
 
-    from .servers import restart_redis_empty
-
     monkeypatch.setattr(store, "_stale", lambda connection: False)
-    with running_redis(tmp_path / "redis") as server:
-        client = aioredis.Redis.from_url(server.url)
-        try:
-            pipeline = AutoPipeline(client)
-            assert await pipeline.execute("INCR", "n") == 1
-            server.process.stop()
-            restart_redis_empty(server, tmp_path / "redis-again")
-            with pytest.raises(RedisConnectionError):
-                await pipeline.execute("INCR", "n")
-            assert await pipeline.execute("INCR", "n") == 1  # reconnected; sent once
-        finally:
-            await client.aclose()
+    async with _pipeline_across_a_restart(tmp_path) as (pipeline, restart):
+        restart()
+        with pytest.raises(RedisConnectionError):
+            await pipeline.execute("INCR", "n")
+        assert await pipeline.execute("INCR", "n") == 1  # reconnected; sent once
 
 
 async def test_a_reply_cut_off_fails_only_the_commands_not_yet_answered(client, monkeypatch):
