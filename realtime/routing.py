@@ -18,14 +18,19 @@ websocket_urlpatterns = [
 ]
 
 
+def tune_handshakes() -> None:
+    """Mask tickets in daphne's access log and Django's log handlers, and defer autobahn's
+    per-connection debug formatting (wire.defer_handshake_log). Idempotent."""
+    install_log_redaction()
+    wire.defer_handshake_log()
+
+
 def websocket_application() -> Any:
     """The WebSocket routes behind the Origin check, session or ticket auth and connection caps.
 
-    See docs/security.md. Also masks tickets in daphne's access log and Django's log handlers,
-    and defers autobahn's per-connection debug formatting (wire.defer_handshake_log).
+    See docs/security.md. Also applies ``tune_handshakes()``.
     """
-    install_log_redaction()
-    wire.defer_handshake_log()
+    tune_handshakes()
     return OriginCheck(
         SessionAuthStack(TicketAuth(ConnectionCaps(URLRouter(websocket_urlpatterns))))
     )

@@ -1,9 +1,9 @@
 """daphne accepting WebSockets of logged-in users through realtime's session authentication.
 
-The same Django settings, middleware and startup as the realtime stack (the handshake tunings
-of ``websocket_application()``, the heap frozen as ``get_asgi_application()`` freezes it); no
-room, no frame, no presence. Anonymous handshakes are
-refused, so a connection the generator counts is one whose session and user were read.
+The same Django settings, middleware and startup as the realtime stack (``tune_handshakes()``,
+the heap frozen as ``get_asgi_application()`` freezes it); no room, no frame, no presence.
+Anonymous handshakes are refused, so a connection the generator counts is one whose session
+and user were read.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.settings")
 django.setup()
 
 from bench.floor._asgi import Receive, Send, accept_and_wait, http_ok  # noqa: E402
-from realtime import wire  # noqa: E402
-from realtime.auth import install_log_redaction  # noqa: E402
 from realtime.gcfreeze import freeze_startup_heap  # noqa: E402
+from realtime.routing import tune_handshakes  # noqa: E402
 from realtime.sessionauth import SessionAuthStack  # noqa: E402
 
 
@@ -27,8 +26,7 @@ async def _logged_in_only(scope: dict[str, Any], receive: Receive, send: Send) -
     await accept_and_wait(receive, send, allowed=scope["user"].is_authenticated)
 
 
-install_log_redaction()
-wire.defer_handshake_log()
+tune_handshakes()
 _websocket = SessionAuthStack(_logged_in_only)
 
 
