@@ -4,11 +4,17 @@ daphne writes every frame straight into the Twisted transport of the socket, whi
 without limit while the client does not read. ``probe(send)`` finds that transport behind the
 ASGI ``send`` callable (daphne passes ``partial(server.handle_reply, protocol)``; channels'
 session middleware wraps it and keeps the original as ``real_send``) and returns a function
-that reports the bytes still buffered, or None under another server.
+that reports the bytes still buffered.
+
+uvicorn passes a bound method of its protocol, whose asyncio transport stops taking frames at
+its high-water mark: past it, the ASGI ``send`` waits until the client reads. ``asyncio_flow``
+finds that transport, so the consumer can keep a client that stopped reading from holding up
+everyone else (consumers.py). Under any other server both return None.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +31,8 @@ DRAIN_POLL = 0.01
 
 
 def find_protocol(send: Any) -> Any:
-    """The daphne WebSocket protocol behind an ASGI ``send``, or None."""
+    """The server protocol behind an ASGI ``send``: daphne's WebSocket protocol, or an
+    asyncio protocol (uvicorn's) with its transport; None for anything else."""
     for _ in range(16):  # wrappers nest a few levels at most
         if isinstance(send, functools.partial):
             for arg in send.args:
@@ -36,9 +43,53 @@ def find_protocol(send: Any) -> Any:
         owner = getattr(send, "__self__", None)
         inner = getattr(owner, "real_send", None)
         if inner is None:
-            return None
+            return owner if _asyncio_transport(owner) is not None else None
         send = inner
     return None
+
+
+def _asyncio_transport(protocol: Any) -> asyncio.WriteTransport | None:
+    transport = getattr(protocol, "transport", None)
+    if callable(getattr(transport, "get_write_buffer_size", None)) and callable(
+        getattr(transport, "get_write_buffer_limits", None)
+    ):
+        return transport
+    return None
+
+
+class AsyncioFlow:
+    """The write buffer of an asyncio server's transport (uvicorn).
+
+    Past the transport's high-water mark the server's ``send`` waits for the client to read,
+    until the buffer is back down to the low-water mark. ``fits`` tells whether a frame goes
+    out at once.
+    """
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport = transport
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def fits(self, size: int) -> bool:
+        """True if ``size`` more bytes go out without a wait: the buffer is at most at the
+        low-water mark (so writing is not paused) and stays within the high-water mark."""
+        transport = self.transport
+        queued = transport.get_write_buffer_size()
+        low, high = transport.get_write_buffer_limits()
+        return queued <= low and queued + size <= high
+
+    def abort(self) -> None:
+        """Drop the TCP connection (a client that does not read up to its close frame)."""
+        self.transport.abort()
+
+
+def asyncio_flow(send: Any) -> AsyncioFlow | None:
+    """The ``AsyncioFlow`` of the asyncio transport behind ``send``; None under daphne."""
+    transport = _asyncio_transport(find_protocol(send))
+    return None if transport is None else AsyncioFlow(transport)
 
 
 def buffered(protocol: Any) -> int:
@@ -46,6 +97,8 @@ def buffered(protocol: Any) -> int:
     transport = getattr(protocol, "transport", None)
     if transport is None:
         return 0
+    if _asyncio_transport(protocol) is not None:
+        return int(transport.get_write_buffer_size())
     total = len(getattr(transport, "dataBuffer", b"")) - int(getattr(transport, "offset", 0))
     total += int(getattr(transport, "_tempDataLen", 0))
     for data, _sync in getattr(protocol, "send_queue", ()):  # autobahn's own (chopped) queue
@@ -64,5 +117,5 @@ def probe(send: Any) -> Probe | None:
 def allow_close_grace(send: Any, seconds: float = SLOW_CLOSE_GRACE) -> None:
     """Give the client ``seconds`` to read up to the close frame before the TCP drop."""
     protocol = find_protocol(send)
-    if protocol is not None:
+    if protocol is not None and hasattr(protocol, "closeHandshakeTimeout"):  # autobahn's
         protocol.closeHandshakeTimeout = seconds

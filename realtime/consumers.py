@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Sequence
@@ -34,10 +35,24 @@ def _closed_errors() -> tuple[type[BaseException], ...]:
         pass
     else:
         errors.append(Disconnected)
+    try:
+        from uvicorn.protocols.utils import ClientDisconnected
+    except ImportError:  # pragma: no cover - uvicorn not installed
+        pass
+    else:
+        errors.append(ClientDisconnected)
     return tuple(errors)
 
 
 _CLOSED = _closed_errors()
+
+# Bytes a close frame can take (code and a reason of at most 123 bytes).
+_CLOSE_FRAME_BYTES = 129
+
+
+def _frame_bytes(text: str) -> int:
+    """An upper bound of ``text``'s size as a WebSocket frame, without encoding it."""
+    return len(text) + 10 if text.isascii() else 4 * len(text) + 10
 
 
 class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
@@ -50,6 +65,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     _queued: backpressure.Probe | None = None
     _buffer_limit: int = 0  # REALTIME_MAX_BUFFERED_BYTES, read when the socket opens
     _writer: wire.Writer | None = None  # daphne's socket, written directly (wire.py)
+    # An asyncio server's transport (uvicorn), and what waits for it: frames (str) and a
+    # close (int), each with its size; a task of this connection sends them in order.
+    _flow: backpressure.AsyncioFlow | None = None
+    _outbox: collections.deque[tuple[str | int, int]] | None = None
+    _outbox_bytes = 0
+    _flusher: asyncio.Task[None] | None = None
+    _drop_timer: asyncio.TimerHandle | None = None
 
     _gone = False  # the client's disconnect was received, or the application ended
     _gone_event: asyncio.Event | None = None  # made only when someone waits for that
@@ -92,6 +114,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             session.detach()
             self.session = None
         self._writer = None
+        if self._flusher is not None:
+            self._flusher.cancel()
+        # A pending drop timer stays: the server may still hold the close frame for a client
+        # that does not read (it refers to the transport only).
+        self._drop_timer = None
 
     async def _receive(self) -> Any:
         message = await self._receive_raw()
@@ -127,6 +154,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         # Read once: a settings lookup per written frame cost 4-7 % of fan-out CPU.
         self._buffer_limit = conf.REALTIME_MAX_BUFFERED_BYTES
         self._writer = wire.writer_for(backpressure.find_protocol(self._raw_send))
+        if self._writer is None:
+            self._flow = backpressure.asyncio_flow(self._raw_send)
         self.session = Session(
             self.scope.get("user"),
             self._emit,
@@ -177,17 +206,67 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         writer = self._writer
         pending = writer.write(text) if writer is not None else None
         if pending is None:
-            try:
-                await self.send(text_data=text)
-            except _CLOSED as exc:
-                # The peer went away and the disconnect is not dispatched yet (a broadcast
-                # raced it): the frame is dropped, as the client resumes with after_seq.
-                logger.debug("realtime: dropped a frame for a closed connection: %s", exc)
+            if self._flow is not None:
+                pending = await self._send_or_queue(text, self._flow)
+            elif not await self._send_now(text) or self._queued is None:
                 return
-            if self._queued is None:
-                return
-            pending = self._queued()
+            else:
+                pending = self._queued()
         await self._over_limit(pending)
+
+    async def _send_now(self, text: str) -> bool:
+        """ASGI ``send``; False if the socket had closed."""
+        try:
+            await self.send(text_data=text)
+        except _CLOSED as exc:
+            # The peer went away and the disconnect is not dispatched yet (a broadcast
+            # raced it): the frame is dropped, as the client resumes with after_seq.
+            logger.debug("realtime: dropped a frame for a closed connection: %s", exc)
+            return False
+        return True
+
+    async def _send_or_queue(self, text: str, flow: backpressure.AsyncioFlow) -> int:
+        """Send ``text`` through an asyncio server without ever waiting for the client.
+
+        Past the transport's high-water mark that server's ``send`` waits until the client
+        reads, and a broadcast loop waiting there would hold up every connection of the
+        process. Such frames (and every later one, to keep the order) go to the outbox,
+        which this connection's own task sends. Returns the bytes not yet taken."""
+        if self._outbox is None and flow.fits(_frame_bytes(text)):
+            await self._send_now(text)  # returns at once: below the high-water mark
+            return flow.buffered()
+        self._queue(text, len(text.encode()) + 10)
+        return self._pending()
+
+    def _queue(self, item: str | int, size: int) -> None:
+        if self._outbox is None:
+            self._outbox = collections.deque()
+            self._flusher = asyncio.create_task(self._flush())
+        self._outbox.append((item, size))
+        self._outbox_bytes += size
+
+    async def _flush(self) -> None:
+        """Send the outbox in order, each frame once the transport takes it."""
+        outbox = self._outbox
+        assert outbox is not None
+        try:
+            while outbox:
+                item, size = outbox.popleft()
+                self._outbox_bytes -= size
+                if isinstance(item, int):
+                    outbox.clear()
+                    await self.close(code=item)
+                elif not await self._send_now(item):
+                    outbox.clear()
+        finally:
+            self._outbox = None
+            self._outbox_bytes = 0
+            self._flusher = None
+
+    def _pending(self) -> int:
+        """Bytes written for this client that it has not taken yet."""
+        queued = self._queued() if self._queued is not None else 0
+        return queued + self._outbox_bytes
 
     async def _emit_many(self, texts: Sequence[str]) -> None:
         """The frames of one reply, in one write when the fast path is open."""
@@ -224,10 +303,27 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         """Wait (bounded) until at most ``target`` bytes are queued; False if that never came."""
         assert self._queued is not None
         for _ in range(int(backpressure.DRAIN_WAIT / backpressure.DRAIN_POLL)):
-            if self._queued() <= target or self._gone:
+            if self._pending() <= target or self._gone:
                 return True
             await asyncio.sleep(backpressure.DRAIN_POLL)
         return False
 
     async def _close(self, code: int) -> None:
-        await self.close(code=int(code))
+        flow = self._flow
+        if flow is None:
+            await self.close(code=int(code))
+            return
+        # Under an asyncio server (uvicorn) closing can wait for the client: on a full
+        # transport, and in servers that await the closing handshake. The close is sent from
+        # this connection's own task instead, behind what is queued (a slow client gets none
+        # of that: it resumes with after_seq). A client that has not read up to it within
+        # the grace period is dropped.
+        slow = code == CloseCode.SLOW_CONSUMER
+        if slow and self._outbox is not None:
+            self._outbox.clear()
+            self._outbox_bytes = 0
+        full = self._outbox is not None or not flow.fits(_CLOSE_FRAME_BYTES)
+        self._queue(int(code), 0)
+        if (full or slow) and self._drop_timer is None:
+            loop = asyncio.get_running_loop()
+            self._drop_timer = loop.call_later(backpressure.SLOW_CLOSE_GRACE, flow.abort)

@@ -398,16 +398,22 @@ def running_daphne(
     label: str,
     attempts: int = 3,
     application: str = "project.asgi:application",
+    server: str = "daphne",
 ) -> Iterator[DaphneServer]:
-    """One daphne process serving ``application`` (the demo) on a free loopback port."""
+    """One daphne process (or ``server="uvicorn"``) serving ``application`` (the demo) on a
+    free loopback port."""
     logdir.mkdir(parents=True, exist_ok=True)
     last_error: Exception | None = None
     for attempt in range(attempts):
         port = free_port()
+        if server == "uvicorn":
+            argv = [str(VENV_BIN / "uvicorn"), "--host", LOOPBACK, "--port", str(port)]
+        else:
+            argv = [str(VENV_BIN / "daphne"), "-b", LOOPBACK, "-p", str(port)]
         process = start_process(
-            f"daphne-{label}:{port}",
-            [str(VENV_BIN / "daphne"), "-b", LOOPBACK, "-p", str(port), application],
-            logdir / f"daphne-{label}-{port}.log",
+            f"{server}-{label}:{port}",
+            [*argv, application],
+            logdir / f"{server}-{label}-{port}.log",
             cwd=REPO_ROOT,
             env=env,
         )
@@ -425,7 +431,7 @@ def running_daphne(
         finally:
             process.stop()
         return
-    raise ServerError(f"could not start daphne {label}: {last_error}")
+    raise ServerError(f"could not start {server} {label}: {last_error}")
 
 
 @dataclass

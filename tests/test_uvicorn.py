@@ -1,0 +1,196 @@
+"""realtime under uvicorn, the documented alternative ASGI server (docs/performance.md).
+
+A client that stops reading must not hold up anybody else: under uvicorn the ASGI ``send``
+waits once the socket's buffer is full, and before the consumer's outbox (consumers.py) one
+such client stopped every broadcast of its process. A real uvicorn process, a real Redis,
+a raw socket that never reads, and a client that does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from http.client import HTTPConnection
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from realtime import backpressure
+from tests import servers
+from tests.servers import DaphneServer, login, tracebacks
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "uvicorn-test-key"
+COUNT, SIZE = 1_500, 10 * 1024  # 15 MB for the room: far past what the sockets buffer
+DEADLINE = 120.0
+STALL = 20.0  # longest the reading client may go without a message while some are due
+
+
+@pytest.fixture(scope="module")
+def uvicorn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
+    workdir: Path = tmp_path_factory.mktemp("realtime-uvicorn")
+    with servers.running_redis(workdir / "redis") as redis:
+        env = servers.django_env(workdir / "db.sqlite3", redis.url)
+        servers.prepare_database(env)
+        env["DJANGO_SETTINGS_MODULE"] = "tests.attack_settings"
+        env["REALTIME_TEST_OVERRIDES"] = json.dumps({"REALTIME_API_KEY": API_KEY})
+        with servers.running_daphne(env, workdir / "logs", "U", server="uvicorn") as server:
+            yield server
+            log = server.process.log()
+            assert tracebacks(log) == [], log[-5000:]
+
+
+def publish_all(port: int) -> list[int]:
+    """Publish COUNT messages of SIZE bytes into the lobby through the HTTP API; their seqs."""
+    blob = "x" * SIZE
+    conn = HTTPConnection(servers.LOOPBACK, port, timeout=30)
+    seqs = []
+    try:
+        for i in range(COUNT):
+            body = json.dumps({"room": "lobby", "payload": {"n": i, "blob": blob}})
+            headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+            conn.request("POST", "/realtime/api/publish", body, headers)
+            response = conn.getresponse()
+            answer = response.read()
+            assert response.status == 201, answer
+            seqs.append(json.loads(answer)["seq"])
+    finally:
+        conn.close()
+    return seqs
+
+
+def owns_connection(pid: int, local_port: int, remote_port: int) -> bool:
+    """Whether process ``pid`` still holds its TCP socket from ``local_port`` to
+    ``remote_port`` (a socket it closed is an orphan of the kernel's, of inode 0)."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == (
+            remote_port
+        ):
+            inode = fields[9]
+    if inode is None or inode == "0":
+        return False
+    target = f"socket:[{inode}]"
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.readlink(fd) == target for fd in fds.iterdir() if fd.is_symlink())
+
+
+class RawClient:
+    """A WebSocket client on a plain socket with a tiny receive buffer, read only at the end."""
+
+    def __init__(self, server: DaphneServer, cookie: str) -> None:
+        self.sock = socket.create_connection((servers.LOOPBACK, server.port), timeout=10)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET /ws/ HTTP/1.1\r\nHost: {servers.LOOPBACK}:{server.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nOrigin: {server.origin}\r\nCookie: {cookie}\r\n\r\n"
+        )
+        self.sock.sendall(request.encode())
+        self.data = b""
+        while b"\r\n\r\n" not in self.data:
+            chunk = self.sock.recv(4096)
+            assert chunk, "closed during the handshake"
+            self.data += chunk
+        head, self.data = self.data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def send_text(self, text: str) -> None:
+        payload = text.encode()
+        assert len(payload) < 126
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+
+    def read_what_came(self, quiet: float = 2.0) -> tuple[list[dict[str, Any]], int | None]:
+        """Read until nothing comes for ``quiet`` seconds (bounded): the whole frames read
+        (text frames decoded) and the close code, if the close frame came."""
+        self.sock.settimeout(quiet)
+        with contextlib.suppress(OSError):  # a timeout, or the connection reset by the drop
+            for _ in range(10_000):
+                chunk = self.sock.recv(1 << 16)
+                if not chunk:
+                    break
+                self.data += chunk
+        self.sock.close()
+        return self._frames()
+
+    def _frames(self) -> tuple[list[dict[str, Any]], int | None]:
+        frames, code, data = [], None, self.data
+        while len(data) >= 2:
+            opcode, length, at = data[0] & 0x0F, data[1] & 0x7F, 2
+            if length == 126:
+                (length,), at = struct.unpack("!H", data[2:4]), 4
+            elif length == 127:
+                (length,), at = struct.unpack("!Q", data[2:10]), 10
+            if len(data) < at + length:
+                break  # cut off by the drop
+            payload, data = data[at : at + length], data[at + length :]
+            if opcode == 0x1:
+                frames.append(json.loads(payload))
+            elif opcode == 0x8:
+                code = struct.unpack("!H", payload[:2])[0]
+                break
+        return frames, code
+
+
+async def test_a_client_that_stops_reading_holds_up_nobody(uvicorn_server):
+    server = uvicorn_server
+    cookie = login(server, "alice")
+    offset = server.process.log_size()
+    slow = RawClient(server, cookie)
+    slow.send_text(json.dumps({"type": "join", "room": "lobby", "ref": "j"}))
+    async with server.websocket(cookie) as reader:
+        assert json.loads(await reader.recv())["type"] == "hello"
+        await reader.send(json.dumps({"type": "join", "room": "lobby", "ref": "j"}))
+        while (ack := json.loads(await reader.recv()))["type"] != "ack":
+            pass
+        head = ack["seq"]
+        publishing = asyncio.create_task(asyncio.to_thread(publish_all, server.port))
+        seqs: list[int] = []
+        deadline = time.monotonic() + DEADLINE
+        while len(seqs) < COUNT:
+            assert time.monotonic() < deadline, f"{len(seqs)} of {COUNT} in {DEADLINE} s"
+            try:
+                frame = json.loads(await asyncio.wait_for(reader.recv(), STALL))
+            except TimeoutError:
+                raise AssertionError(
+                    f"the reading client got nothing for {STALL} s after {len(seqs)} messages "
+                    "(held up by the client that does not read?)"
+                ) from None
+            if frame["type"] == "message":
+                seqs.append(frame["seq"])
+        published = await publishing
+    assert published == list(range(head + 1, head + COUNT + 1))
+    assert seqs == published  # every message, in order, none twice
+    log = server.process.log_since(offset)
+    assert "slow consumer with" in log, log[-3000:]
+
+    # The server let go of the slow client's socket: the 4008 close is behind data the
+    # client never read, so the connection is dropped after the grace period.
+    local_port = slow.sock.getsockname()[1]
+    await asyncio.to_thread(
+        servers.wait_until,
+        lambda: not owns_connection(server.process.pid, server.port, local_port),
+        "the slow client's socket to be dropped",
+        backpressure.SLOW_CLOSE_GRACE + 30,
+    )
+    # What it did get is an unbroken run from the join's head.
+    frames, code = await asyncio.to_thread(slow.read_what_came)
+    assert code in (4008, None), code
+    got = [f["seq"] for f in frames if f["type"] == "message"]
+    assert got == list(range(head + 1, head + 1 + len(got)))
+    assert len(got) < COUNT
+    server.process.assert_alive()
