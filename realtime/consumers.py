@@ -28,19 +28,14 @@ logger = logging.getLogger(__name__)
 
 def _closed_errors() -> tuple[type[BaseException], ...]:
     """What the ASGI server raises when the app sends on a socket that has closed."""
-    errors: list[type[BaseException]] = [ConnectionError]
+    # OSError: the socket's own errors, and uvicorn's ClientDisconnected (an OSError).
+    errors: list[type[BaseException]] = [OSError]
     try:
         from autobahn.exception import Disconnected  # daphne's WebSocket implementation
     except ImportError:  # pragma: no cover - another server
         pass
     else:
         errors.append(Disconnected)
-    try:
-        from uvicorn.protocols.utils import ClientDisconnected
-    except ImportError:  # pragma: no cover - uvicorn not installed
-        pass
-    else:
-        errors.append(ClientDisconnected)
     return tuple(errors)
 
 
