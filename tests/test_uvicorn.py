@@ -13,15 +13,18 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import socket
 import struct
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from realtime import backpressure
 from tests import servers
@@ -35,16 +38,29 @@ DEADLINE = 120.0
 STALL = 20.0  # longest the reading client may go without a message while some are due
 
 
+@dataclass
+class UvicornStack:
+    env: dict[str, str]
+    logdir: Path
+    server: DaphneServer
+
+    def another(self, label: str) -> contextlib.AbstractContextManager[DaphneServer]:
+        """One more uvicorn process on the same Redis and database."""
+        return servers.running_daphne(self.env, self.logdir, label, server="uvicorn")
+
+
 @pytest.fixture(scope="module")
-def uvicorn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UvicornStack]:
     workdir: Path = tmp_path_factory.mktemp("realtime-uvicorn")
     with servers.running_redis(workdir / "redis") as redis:
         env = servers.django_env(workdir / "db.sqlite3", redis.url)
         servers.prepare_database(env)
         env["DJANGO_SETTINGS_MODULE"] = "tests.attack_settings"
         env["REALTIME_TEST_OVERRIDES"] = json.dumps({"REALTIME_API_KEY": API_KEY})
-        with servers.running_daphne(env, workdir / "logs", "U", server="uvicorn") as server:
-            yield server
+        running = UvicornStack(env, workdir / "logs", None)  # type: ignore[arg-type]
+        with running.another("U") as server:
+            running.server = server
+            yield running
             log = server.process.log()
             assert tracebacks(log) == [], log[-5000:]
 
@@ -146,8 +162,8 @@ class RawClient:
         return frames, code
 
 
-async def test_a_client_that_stops_reading_holds_up_nobody(uvicorn_server):
-    server = uvicorn_server
+async def test_a_client_that_stops_reading_holds_up_nobody(stack):
+    server = stack.server
     cookie = login(server, "alice")
     offset = server.process.log_size()
     slow = RawClient(server, cookie)
@@ -194,3 +210,43 @@ async def test_a_client_that_stops_reading_holds_up_nobody(uvicorn_server):
     assert got == list(range(head + 1, head + 1 + len(got)))
     assert len(got) < COUNT
     server.process.assert_alive()
+
+
+def names(text: str | bytes, key: str) -> list[str]:
+    """The user names of a presence_diff's ``key`` ("joins" or "leaves")."""
+    return [user["name"] for user in json.loads(text).get(key, [])]
+
+
+async def joined(server: DaphneServer, cookie: str) -> Any:
+    """A client of ``server`` joined to the lobby, its presence_state read."""
+    client = await server.websocket(cookie)
+    assert json.loads(await client.recv())["type"] == "hello"
+    await client.send(json.dumps({"type": "join", "room": "lobby", "ref": "j"}))
+    while json.loads(await client.recv())["type"] != "presence_state":
+        pass
+    return client
+
+
+async def test_sigterm_closes_every_websocket_with_1012_and_leaves_presence(stack):
+    """uvicorn's own shutdown does what drain.py does under daphne: 1012 to every client
+    (resume on another process), and the consumer still leaves the rooms' presence."""
+    with stack.another("T") as leaving:
+        watcher = await joined(stack.server, login(stack.server, "bob"))
+        alice = await joined(leaving, login(leaving, "alice"))
+        try:
+            while names(await watcher.recv(), "joins") != ["alice"]:
+                pass
+            # uvicorn ends by raising the signal again once it has shut down.
+            assert await asyncio.to_thread(leaving.process.terminate) in (0, -signal.SIGTERM)
+            assert "Finished server process" in leaving.process.log()
+            with contextlib.suppress(ConnectionClosed):
+                await asyncio.wait_for(alice.recv(), 10)
+            assert alice.close_code == 1012, alice.close_code
+            async with asyncio.timeout(10):
+                while names(await watcher.recv(), "leaves") != ["alice"]:
+                    pass
+        finally:
+            await alice.close()
+            await watcher.close()
+        log = leaving.process.log()
+        assert tracebacks(log) == [], log[-5000:]
