@@ -250,7 +250,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
                 self._outbox_bytes -= size
                 if isinstance(item, int):
                     outbox.clear()
-                    await self.close(code=item)
+                    with contextlib.suppress(*_CLOSED):  # gone first: nothing to close
+                        await self.close(code=item)
                 elif not await self._send_now(item):
                     outbox.clear()
         finally:

@@ -273,3 +273,15 @@ async def test_a_client_gone_while_frames_wait_ends_the_outbox_quietly():
     await until(lambda: consumer._outbox is None, "the outbox to end")
     with pytest.raises(ClientDisconnected):
         await server.send({"type": "websocket.send", "text": "x"})
+
+
+async def test_a_close_waiting_on_a_full_transport_ends_quietly_if_the_client_goes():
+    server = Server()
+    consumer = consumer_on(server)
+    server.transport.write(b"y" * (HIGH + 1))  # full: the close cannot go out yet
+    await asyncio.wait_for(consumer._close(CloseCode.UNAUTHORIZED), 1.0)
+    flusher = consumer._flusher
+    assert flusher is not None and not flusher.done()
+    server.transport.abort()
+    await asyncio.wait_for(flusher, DEADLINE)  # no ClientDisconnected out of the task
+    assert server.read() == ["y" * (HIGH + 1)]
