@@ -65,21 +65,34 @@ class AsyncioFlow:
     out at once.
     """
 
-    __slots__ = ("transport",)
+    __slots__ = ("protocol", "transport")
 
-    def __init__(self, transport: asyncio.WriteTransport) -> None:
+    def __init__(self, protocol: Any, transport: asyncio.WriteTransport) -> None:
+        self.protocol = protocol
         self.transport = transport
 
     def buffered(self) -> int:
         return self.transport.get_write_buffer_size()
 
     def fits(self, size: int) -> bool:
-        """True if ``size`` more bytes go out without a wait: the buffer is at most at the
-        low-water mark (so writing is not paused) and stays within the high-water mark."""
+        """True if ``size`` more bytes go out without a wait: writing is not paused, and the
+        buffer stays within the high-water mark."""
         transport = self.transport
         queued = transport.get_write_buffer_size()
         low, high = transport.get_write_buffer_limits()
-        return queued <= low and queued + size <= high
+        if queued + size > high:
+            return False
+        # uvicorn's websockets-sansio and wsproto protocols wait on a ``writable`` event,
+        # cleared by pause_writing and set by resume_writing. The size alone is not enough:
+        # uvloop counts what libuv wrote in part without resuming the protocol.
+        writable = getattr(self.protocol, "writable", None)
+        if isinstance(writable, asyncio.Event):
+            return writable.is_set()
+        return queued <= low  # at or below the low-water mark, writing is not paused
+
+    def closing(self) -> bool:
+        """True once the server has begun closing the socket (frames would be refused)."""
+        return self.transport.is_closing()
 
     def abort(self) -> None:
         """Drop the TCP connection (a client that does not read up to its close frame)."""
@@ -88,8 +101,9 @@ class AsyncioFlow:
 
 def asyncio_flow(send: Any) -> AsyncioFlow | None:
     """The ``AsyncioFlow`` of the asyncio transport behind ``send``; None under daphne."""
-    transport = _asyncio_transport(find_protocol(send))
-    return None if transport is None else AsyncioFlow(transport)
+    protocol = find_protocol(send)
+    transport = _asyncio_transport(protocol)
+    return None if transport is None else AsyncioFlow(protocol, transport)
 
 
 def buffered(protocol: Any) -> int:

@@ -28,8 +28,7 @@ logger = logging.getLogger(__name__)
 
 def _closed_errors() -> tuple[type[BaseException], ...]:
     """What the ASGI server raises when the app sends on a socket that has closed."""
-    # OSError: the socket's own errors, and uvicorn's ClientDisconnected (an OSError).
-    errors: list[type[BaseException]] = [OSError]
+    errors: list[type[BaseException]] = [ConnectionError]
     try:
         from autobahn.exception import Disconnected  # daphne's WebSocket implementation
     except ImportError:  # pragma: no cover - another server
@@ -40,6 +39,13 @@ def _closed_errors() -> tuple[type[BaseException], ...]:
 
 
 _CLOSED = _closed_errors()
+
+
+def _socket_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server saying the client's socket has closed: one of
+    ``_CLOSED``, or uvicorn's ClientDisconnected (matched by name: uvicorn is optional)."""
+    return isinstance(exc, _CLOSED) or type(exc).__name__ == "ClientDisconnected"
+
 
 # Bytes a close frame can take (code and a reason of at most 123 bytes).
 _CLOSE_FRAME_BYTES = 129
@@ -67,6 +73,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     _outbox_bytes = 0
     _flusher: asyncio.Task[None] | None = None
     _drop_timer: asyncio.TimerHandle | None = None
+    _close_queued = False  # a close waits in the outbox: later frames are dropped
+    _aborting: asyncio.Task[None] | None = None  # a slow client's close, off the hub's path
 
     _gone = False  # the client's disconnect was received, or the application ended
     _gone_event: asyncio.Event | None = None  # made only when someone waits for that
@@ -182,7 +190,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             return
         self._closing = True
         # The close frame first: leaving the rooms may wait on Redis.
-        await self.close(code=int(code))
+        await self._close(int(code))
         if self.session is not None:
             await self.session.close()
 
@@ -196,8 +204,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
                     await self._receive()
 
     async def _emit(self, text: str) -> None:
-        if self._slow:
-            return  # closing as a slow consumer: the client resumes with after_seq
+        if self._slow or self._close_queued:
+            return  # closing: the client resumes with after_seq
         writer = self._writer
         pending = writer.write(text) if writer is not None else None
         if pending is None:
@@ -213,10 +221,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         """ASGI ``send``; False if the socket had closed."""
         try:
             await self.send(text_data=text)
-        except _CLOSED as exc:
+        except Exception as exc:
+            if not _socket_gone(exc):
+                raise
             # The peer went away and the disconnect is not dispatched yet (a broadcast
             # raced it): the frame is dropped, as the client resumes with after_seq.
-            logger.debug("realtime: dropped a frame for a closed connection: %s", exc)
+            logger.debug("realtime: dropped a frame for a closed connection: %r", exc)
             return False
         return True
 
@@ -227,8 +237,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         reads, and a broadcast loop waiting there would hold up every connection of the
         process. Such frames (and every later one, to keep the order) go to the outbox,
         which this connection's own task sends. Returns the bytes not yet taken."""
+        if flow.closing():
+            return 0  # the server is closing the socket (its keepalive gave up): dropped
         if self._outbox is None and flow.fits(_frame_bytes(text)):
-            await self._send_now(text)  # returns at once: below the high-water mark
+            await self._send_now(text)  # returns at once: writing is not paused
             return flow.buffered()
         self._queue(text, len(text.encode()) + 10)
         return self._pending()
@@ -249,11 +261,15 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
                 item, size = outbox.popleft()
                 self._outbox_bytes -= size
                 if isinstance(item, int):
-                    outbox.clear()
-                    with contextlib.suppress(*_CLOSED):  # gone first: nothing to close
-                        await self.close(code=item)
-                elif not await self._send_now(item):
-                    outbox.clear()
+                    await self.close(code=item)  # the last frame: nothing follows a close
+                    return
+                if not await self._send_now(item):
+                    return
+        except Exception as exc:
+            if not _socket_gone(exc):
+                # Frames the server refuses (it closed the socket meanwhile) are dropped: the
+                # client resumes with after_seq.
+                logger.warning("realtime: stopped sending queued frames: %r", exc)
         finally:
             self._outbox = None
             self._outbox_bytes = 0
@@ -293,7 +309,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         self._slow = True
         logger.warning("realtime: slow consumer with %d bytes pending; closing with 4008", pending)
         backpressure.allow_close_grace(self._raw_send)
-        await self.session.abort(CloseCode.SLOW_CONSUMER)
+        if own:
+            await self.session.abort(CloseCode.SLOW_CONSUMER)
+        else:
+            # Leaving the rooms waits on Redis and presence: not on the hub's delivery loop.
+            self._aborting = asyncio.create_task(self._abort_slow(self.session))
+
+    async def _abort_slow(self, session: Session) -> None:
+        try:
+            await session.abort(CloseCode.SLOW_CONSUMER)
+        except Exception as exc:
+            if not _socket_gone(exc):
+                logger.warning("realtime: closing a slow consumer failed", exc_info=True)
 
     async def _drained(self, target: int) -> bool:
         """Wait (bounded) until at most ``target`` bytes are queued; False if that never came."""
@@ -314,11 +341,14 @@ class RealtimeConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         # this connection's own task instead, behind what is queued (a slow client gets none
         # of that: it resumes with after_seq). A client that has not read up to it within
         # the grace period is dropped.
+        if self._close_queued:
+            return
         slow = code == CloseCode.SLOW_CONSUMER
         if slow and self._outbox is not None:
             self._outbox.clear()
             self._outbox_bytes = 0
         full = self._outbox is not None or not flow.fits(_CLOSE_FRAME_BYTES)
+        self._close_queued = True
         self._queue(int(code), 0)
         if (full or slow) and self._drop_timer is None:
             loop = asyncio.get_running_loop()

@@ -30,6 +30,7 @@ class Transport:
         self.buffer = bytearray()
         self.paused = False
         self.aborted = False
+        self.closed = False
 
     def get_write_buffer_size(self) -> int:
         return len(self.buffer)
@@ -52,6 +53,12 @@ class Transport:
             self.protocol.writable.set()
         return data
 
+    def is_closing(self) -> bool:
+        return self.aborted or self.closed
+
+    def close(self) -> None:  # what uvicorn does when its keepalive pings go unanswered
+        self.closed = True
+
     def abort(self) -> None:
         self.aborted = True
         self.protocol.disconnected = True
@@ -66,17 +73,21 @@ class Server:
         self.writable = asyncio.Event()
         self.writable.set()
         self.disconnected = False
+        self.close_sent = False
         self.received: list[str] = []  # what the client has read, in order
 
     async def send(self, message: dict) -> None:
         await self.writable.wait()
         if self.disconnected:
             raise ClientDisconnected()
+        if self.close_sent:
+            raise RuntimeError(f"Unexpected ASGI message {message['type']!r} after the close")
         if message["type"] == "websocket.send":
             self.transport.write(message["text"].encode() + b"\n")
         else:
             assert message["type"] == "websocket.close", message
             self.transport.write(b"close %d\n" % message["code"])
+            self.close_sent = True
 
     def read(self) -> list[str]:
         self.received += self.transport.take().decode().splitlines()
@@ -154,16 +165,29 @@ async def backed_up() -> tuple[Server, RealtimeConsumer, int]:
     return server, consumer, sent + 1
 
 
+def at_once(coroutine) -> None:
+    """Run ``coroutine`` and check that it finished without ever waiting."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    coroutine.close()
+    raise AssertionError("it waited")
+
+
 async def broadcast_until_closed() -> tuple[Server, RealtimeConsumer, int]:
-    """Broadcast to a client that reads nothing until it is closed (limit 2,000 bytes); each
-    delivery must return at once. The server, the consumer and the frames broadcast."""
+    """Broadcast to a client that reads nothing until it is closed as slow (limit 2,000
+    bytes); each delivery returns without waiting. The server, the consumer and the frames
+    broadcast."""
     server = Server()
     consumer = consumer_on(server, limit=2_000)
     n = 0
-    while consumer.session.closed_with is None:
-        await asyncio.wait_for(consumer._emit(frame(n)), 1.0)
+    while not consumer._slow:
+        at_once(consumer._emit(frame(n)))
         n += 1
         assert n < 200
+        await asyncio.sleep(0)  # the outbox task writes what fits
+    await until(lambda: consumer.session.closed_with is not None, "the slow client's close")
     return server, consumer, n
 
 
@@ -188,7 +212,7 @@ def test_the_probes_find_an_asyncio_transport_behind_wrappers():
 
 def test_a_paused_transport_takes_nothing_until_it_is_back_at_the_low_water_mark():
     server = Server()
-    flow = backpressure.AsyncioFlow(server.transport)  # type: ignore[arg-type]
+    flow = backpressure.AsyncioFlow(object(), server.transport)  # type: ignore[arg-type]
     server.transport.write(b"y" * (HIGH + 1))
     server.transport.buffer = server.transport.buffer[: LOW + 1]  # read down, still paused
     assert not flow.fits(1)
@@ -196,13 +220,26 @@ def test_a_paused_transport_takes_nothing_until_it_is_back_at_the_low_water_mark
     assert flow.fits(HIGH - LOW)
 
 
+async def test_a_paused_writable_event_is_heeded_whatever_the_buffer_says():
+    """uvloop counts what libuv wrote in part without resuming the protocol: the buffer can
+    read below the low-water mark while uvicorn's ``writable`` is still cleared."""
+    server = Server()
+    consumer = consumer_on(server)
+    server.writable.clear()  # paused, with an empty buffer
+    assert not consumer._flow.fits(1)
+    for i in range(3):
+        at_once(consumer._emit(frame(i)))  # queued, not waited for
+    assert consumer._outbox is not None and server.read() == []
+    server.writable.set()  # resumed
+    await until(lambda: server.read() == [frame(i) for i in range(3)], "the queued frames")
+
+
 async def test_a_full_transport_never_holds_up_the_broadcast_loop():
     server = Server()
     consumer = consumer_on(server)
     sent = await fill(consumer, server)
     for i in range(sent, sent + 20):
-        # The hub's delivery returns at once although the client reads nothing.
-        await asyncio.wait_for(consumer._emit(frame(i)), 1.0)
+        at_once(consumer._emit(frame(i)))  # the hub's delivery does not wait for the client
     assert consumer._pending() >= 20 * 51
     await until(lambda: len(server.read()) == sent + 20, "every frame")
     assert server.received == [frame(i) for i in range(sent + 20)]  # in order, none lost
@@ -215,10 +252,14 @@ async def test_a_full_transport_never_holds_up_the_broadcast_loop():
 
 async def test_a_close_goes_out_behind_the_queued_frames_without_waiting():
     server, consumer, sent = await backed_up()
-    await asyncio.wait_for(consumer._close(CloseCode.UNAUTHORIZED), 1.0)
+    at_once(consumer._close(CloseCode.UNAUTHORIZED))
+    at_once(consumer._emit(frame(sent)))  # after the close: dropped, not sent after it
     await until(lambda: server.read()[-1:] == ["close 4001"], "the close")
+    await until(lambda: consumer._outbox is None, "the outbox to end")
     assert server.received == [*(frame(i) for i in range(sent)), "close 4001"]
-    assert not server.transport.aborted
+    # Closed on a full transport: had the client stopped reading, it would be dropped.
+    assert consumer._drop_timer is not None
+    consumer._drop_timer.cancel()
 
 
 async def test_a_client_over_the_limit_is_closed_4008_and_dropped_if_it_never_reads(
@@ -279,9 +320,19 @@ async def test_a_close_waiting_on_a_full_transport_ends_quietly_if_the_client_go
     server = Server()
     consumer = consumer_on(server)
     server.transport.write(b"y" * (HIGH + 1))  # full: the close cannot go out yet
-    await asyncio.wait_for(consumer._close(CloseCode.UNAUTHORIZED), 1.0)
+    at_once(consumer._close(CloseCode.UNAUTHORIZED))
     flusher = consumer._flusher
     assert flusher is not None and not flusher.done()
     server.transport.abort()
     await asyncio.wait_for(flusher, DEADLINE)  # no ClientDisconnected out of the task
     assert server.read() == ["y" * (HIGH + 1)]
+
+
+async def test_frames_for_a_socket_the_server_is_closing_are_dropped():
+    server = Server()
+    consumer = consumer_on(server)
+    at_once(consumer._emit(frame(0)))
+    server.close_sent = True  # uvicorn gave up on the keepalive: close sent, socket closing
+    server.transport.close()
+    at_once(consumer._emit(frame(1)))  # dropped, no RuntimeError for the hub to log
+    assert server.read() == [frame(0)] and consumer._outbox is None

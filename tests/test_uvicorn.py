@@ -33,7 +33,10 @@ from tests.servers import DaphneServer, login, tracebacks
 pytestmark = pytest.mark.integration
 
 API_KEY = "uvicorn-test-key"
-COUNT, SIZE = 1_500, 10 * 1024  # 15 MB for the room: far past what the sockets buffer
+SIZE = 10 * 1024
+# Published until the slow client's close, then AFTER more; at most MAX_COUNT (60 MB, far
+# past what the kernel buffers for a socket; 1,500 were needed here with 4 MB send buffers).
+MAX_COUNT, AFTER = 6_000, 300
 DEADLINE = 120.0
 STALL = 20.0  # longest the reading client may go without a message while some are due
 
@@ -65,23 +68,30 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UvicornStack]:
             assert tracebacks(log) == [], log[-5000:]
 
 
-def publish_all(port: int) -> list[int]:
-    """Publish COUNT messages of SIZE bytes into the lobby through the HTTP API; their seqs."""
+def publish_past_the_slow_close(server: DaphneServer, offset: int) -> list[int]:
+    """Publish messages of SIZE bytes into the lobby through the HTTP API until the server
+    has closed a slow consumer, then AFTER more; their seqs."""
     blob = "x" * SIZE
-    conn = HTTPConnection(servers.LOOPBACK, port, timeout=30)
-    seqs = []
+    conn = HTTPConnection(servers.LOOPBACK, server.port, timeout=30)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    seqs: list[int] = []
+    closed_at: int | None = None
     try:
-        for i in range(COUNT):
+        for i in range(MAX_COUNT):
             body = json.dumps({"room": "lobby", "payload": {"n": i, "blob": blob}})
-            headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
             conn.request("POST", "/realtime/api/publish", body, headers)
             response = conn.getresponse()
             answer = response.read()
             assert response.status == 201, answer
             seqs.append(json.loads(answer)["seq"])
+            checking = closed_at is None and i % 50 == 0
+            if checking and "slow consumer with" in server.process.log_since(offset):
+                closed_at = i
+            if closed_at is not None and i >= closed_at + AFTER:
+                return seqs
     finally:
         conn.close()
-    return seqs
+    raise AssertionError(f"no slow-consumer close after {MAX_COUNT} messages of {SIZE} bytes")
 
 
 def owns_connection(pid: int, local_port: int, remote_port: int) -> bool:
@@ -174,23 +184,32 @@ async def test_a_client_that_stops_reading_holds_up_nobody(stack):
         while (ack := json.loads(await reader.recv()))["type"] != "ack":
             pass
         head = ack["seq"]
-        publishing = asyncio.create_task(asyncio.to_thread(publish_all, server.port))
+        publishing = asyncio.create_task(
+            asyncio.to_thread(publish_past_the_slow_close, server, offset)
+        )
         seqs: list[int] = []
         deadline = time.monotonic() + DEADLINE
-        while len(seqs) < COUNT:
-            assert time.monotonic() < deadline, f"{len(seqs)} of {COUNT} in {DEADLINE} s"
-            try:
-                frame = json.loads(await asyncio.wait_for(reader.recv(), STALL))
-            except TimeoutError:
+        receiving: asyncio.Future[Any] | None = None
+        while not publishing.done() or len(seqs) < len(publishing.result()):
+            assert time.monotonic() < deadline, f"{len(seqs)} messages in {DEADLINE} s"
+            receiving = receiving or asyncio.ensure_future(reader.recv())
+            waits = {receiving} if publishing.done() else {receiving, publishing}
+            done, _ = await asyncio.wait(waits, timeout=STALL, return_when="FIRST_COMPLETED")
+            if not done:
                 raise AssertionError(
                     f"the reading client got nothing for {STALL} s after {len(seqs)} messages "
                     "(held up by the client that does not read?)"
-                ) from None
-            if frame["type"] == "message":
-                seqs.append(frame["seq"])
+                )
+            if receiving in done:
+                frame = json.loads(receiving.result())
+                receiving = None
+                if frame["type"] == "message":
+                    seqs.append(frame["seq"])
+        if receiving is not None:
+            receiving.cancel()
         published = await publishing
-    assert published == list(range(head + 1, head + COUNT + 1))
-    assert seqs == published  # every message, in order, none twice
+    assert published == list(range(head + 1, head + len(published) + 1))
+    assert seqs == published  # every message, in order, none twice, the last AFTER included
     log = server.process.log_since(offset)
     assert "slow consumer with" in log, log[-3000:]
 
@@ -208,7 +227,12 @@ async def test_a_client_that_stops_reading_holds_up_nobody(stack):
     assert code in (4008, None), code
     got = [f["seq"] for f in frames if f["type"] == "message"]
     assert got == list(range(head + 1, head + 1 + len(got)))
-    assert len(got) < COUNT
+    assert len(got) < len(published) - AFTER
+    pending = log.split("slow consumer with ")[1].split(" bytes")[0]
+    print(
+        f"uvicorn slow reader: closed 4008 with {pending} bytes pending; the reader got all "
+        f"{len(seqs)} messages, the slow socket {len(got)} before it was dropped"
+    )
     server.process.assert_alive()
 
 
