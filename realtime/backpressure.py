@@ -107,12 +107,10 @@ def asyncio_flow(send: Any) -> AsyncioFlow | None:
 
 
 def buffered(protocol: Any) -> int:
-    """Bytes written to ``protocol`` that are still in the server's buffers."""
+    """Bytes written to daphne's ``protocol`` that are still in the server's buffers."""
     transport = getattr(protocol, "transport", None)
     if transport is None:
         return 0
-    if _asyncio_transport(protocol) is not None:
-        return int(transport.get_write_buffer_size())
     total = len(getattr(transport, "dataBuffer", b"")) - int(getattr(transport, "offset", 0))
     total += int(getattr(transport, "_tempDataLen", 0))
     for data, _sync in getattr(protocol, "send_queue", ()):  # autobahn's own (chopped) queue
@@ -125,6 +123,9 @@ def probe(send: Any) -> Probe | None:
     protocol = find_protocol(send)
     if protocol is None:
         return None
+    transport = _asyncio_transport(protocol)
+    if transport is not None:
+        return transport.get_write_buffer_size
     return functools.partial(buffered, protocol)
 
 
